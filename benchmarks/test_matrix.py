@@ -1,0 +1,32 @@
+"""The benchmark matrix: each test names what it gates; the harness measures it in an isolated worker.
+
+Cells come from benchmarks/matrix.toml (or --matrix): `test_decode[bnb-nf4|llama-2-7b-arch|b8]`.
+"""
+
+from harness.plugin import record_benchmark
+
+
+def test_prefill(quantbench, request, qb_cell):
+    """Prefill throughput and time to first token at this batch size."""
+    quantbench.check(request, qb_cell, ["prefill_tokens_per_s", "ttft_ms"])
+
+
+def test_decode(quantbench, request, qb_cell, benchmark):
+    """Decode throughput: exactly new_tokens per row, EOS ignored; pytest-benchmark gets each repeat."""
+    result = quantbench.check(request, qb_cell, ["decode_tokens_per_s"])
+    record_benchmark(benchmark, result)
+
+
+def test_memory(quantbench, request, qb_cell):
+    """Peak device memory (torch allocator and NVML) and host RSS while this batch size ran."""
+    quantbench.check(request, qb_cell, ["peak_vram_mib", "peak_nvml_mib", "peak_rss_mib"])
+
+
+def test_load(quantbench, request, qb_model_cell):
+    """Time to load (and quantize) the model onto its device."""
+    quantbench.check(request, qb_model_cell, ["load_s"])
+
+
+def test_perplexity(quantbench, request, qb_model_cell):
+    """Token-level perplexity on the held-out evaluation ids, protocol recorded with the figure."""
+    quantbench.check(request, qb_model_cell, ["ppl"])

@@ -1,0 +1,521 @@
+"""The baseline store and the comparison rules that decide whether a figure regressed.
+
+Baselines live in one JSON file per hardware key and model, `baselines/<hardware_key>/<model>.json`,
+laid out as `BaselineFile` below. Loading validates every field, so a hand-edited or half-merged file
+fails with the file and the field named instead of gating against garbage. Writing merges: only the
+given cells change, every other cell and every other file stays as it was.
+
+A regression needs two things (asv's rule): the figure got worse by more than its tolerance, and by
+more than the measured noise of baseline and run together can explain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NoReturn, Protocol, TypedDict
+
+from harness.cache import atomic_write_text, file_lock
+from harness.metrics import METRICS
+from harness.metrics import metric as metric_spec
+from harness.results import CellResult, Figure, cell_id
+
+SCHEMA_VERSION = 1
+
+# A slug names a folder or a file: no separators, and no leading dot so it can never be `..` or hidden.
+_SLUG = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+_REGENERATE = "fix it or regenerate it with --update-baselines"
+
+
+class FigureDict(TypedDict):
+    """One stored figure: `Figure.to_dict()`."""
+
+    value: float
+    spread: float
+    n: int
+    samples: list[float]
+
+
+class CellDict(TypedDict):
+    """One stored cell: `CellResult.to_dict()` plus when it was recorded."""
+
+    id: str
+    method: str
+    model: str
+    batch_size: int | None
+    figures: dict[str, FigureDict]
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    hardware: dict[str, Any]
+    details: dict[str, Any]
+    error: str | None
+    recorded_at: str
+
+
+class BaselineFile(TypedDict):
+    """One baseline file, `baselines/<hardware_key>/<model>.json`; cells are keyed by their id."""
+
+    schema_version: int
+    hardware_key: str
+    model: str
+    cells: dict[str, CellDict]
+
+
+class BaselineError(Exception):
+    """A baseline file (or a result about to become one) does not follow the schema."""
+
+
+def _check_slug(name: str, what: str) -> None:
+    if not isinstance(name, str) or not _SLUG.match(name):
+        raise ValueError(
+            f"{what} {name!r} cannot name a baseline file: use letters, digits, '.', '_' and '-' only, "
+            "not starting with '.'"
+        )
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int to Python, but `true` is no number.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys; in a baseline that silently drops a cell, which is
+    # what a careless merge-conflict resolution produces.
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise BaselineError(f"the key {key!r} appears twice in one object")
+        data[key] = value
+    return data
+
+
+class _Reader:
+    """Checks decoded JSON against the schema; every failure names the file and the field path."""
+
+    def __init__(self, file: Path, hint: str) -> None:
+        self.file = file
+        self.hint = hint
+
+    def fail(self, where: str, problem: str) -> NoReturn:
+        raise BaselineError(f"{self.file}: {where}: {problem}; {self.hint}")
+
+    def mapping(self, value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(where, f"expected an object, got {_shown(value)}")
+        return value
+
+    def string(self, value: Any, where: str) -> str:
+        if not isinstance(value, str):
+            self.fail(where, f"expected a string, got {_shown(value)}")
+        return value
+
+    def integer(self, value: Any, where: str, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(where, f"expected an integer, got {_shown(value)}")
+        if value < minimum:
+            self.fail(where, f"expected an integer of at least {minimum}, got {value}")
+        return value
+
+    def number(self, value: Any, where: str, minimum: float | None = None) -> float:
+        if not _is_number(value):
+            self.fail(where, f"expected a number, got {_shown(value)}")
+        if not math.isfinite(value):
+            self.fail(where, f"expected a finite number, got {value}")
+        if minimum is not None and value < minimum:
+            self.fail(where, f"expected a number of at least {minimum}, got {value}")
+        return float(value)
+
+    def fields(self, data: dict[str, Any], where: str, schema: type) -> None:
+        expected = schema.__required_keys__
+        missing = sorted(expected - data.keys())
+        if missing:
+            self.fail(where, "missing field " + ", ".join(repr(name) for name in missing))
+        unknown = sorted(data.keys() - expected)
+        if unknown:
+            known = ", ".join(sorted(expected))
+            self.fail(where, f"unknown field {', '.join(map(repr, unknown))}; known fields: {known}")
+
+    def document(self, data: Any, hardware_key: str, model: str) -> BaselineFile:
+        data = self.mapping(data, "top level")
+        # The version comes first: an older file has other fields, and that is the useful message.
+        if "schema_version" not in data:
+            self.fail("schema_version", "missing")
+        version = data["schema_version"]
+        if isinstance(version, bool) or not isinstance(version, int):
+            self.fail("schema_version", f"expected an integer, got {_shown(version)}")
+        if version < SCHEMA_VERSION:
+            raise BaselineError(
+                f"schema_version {version} in {self.file}; this suite reads {SCHEMA_VERSION}; "
+                "regenerate it with --update-baselines"
+            )
+        if version > SCHEMA_VERSION:
+            raise BaselineError(
+                f"schema_version {version} in {self.file}; this suite reads {SCHEMA_VERSION}; "
+                "update quantbench to read it"
+            )
+        self.fields(data, "top level", BaselineFile)
+        for name, expected in (("hardware_key", hardware_key), ("model", model)):
+            found = self.string(data[name], name)
+            if found != expected:
+                self.fail(name, f"the file says {found!r} but its path says {expected!r}; "
+                                "move the file or correct the field")
+        cells = self.mapping(data["cells"], "cells")
+        for key, cell in cells.items():
+            self.cell(cell, key, model)
+        return data  # type: ignore[return-value]
+
+    def cell(self, data: Any, key: str, model: str) -> None:
+        where = f"cells[{key!r}]"
+        data = self.mapping(data, where)
+        self.fields(data, where, CellDict)
+        method = self.string(data["method"], f"{where}.method")
+        if self.string(data["model"], f"{where}.model") != model:
+            self.fail(f"{where}.model", f"expected {model!r}, the file's model, got {data['model']!r}")
+        batch_size = data["batch_size"]
+        if batch_size is not None:
+            self.integer(batch_size, f"{where}.batch_size", 1)
+        own_id = self.string(data["id"], f"{where}.id")
+        if own_id != cell_id(method, model, batch_size):
+            self.fail(f"{where}.id", f"{own_id!r} does not match method, model and batch_size "
+                                     f"({cell_id(method, model, batch_size)!r})")
+        if key != own_id:
+            self.fail(where, f"the key disagrees with the cell's id {own_id!r}")
+        for name in ("config", "environment", "hardware", "details"):
+            self.mapping(data[name], f"{where}.{name}")
+        if data["error"] is not None:
+            self.fail(f"{where}.error", "a baseline cell cannot carry an error; remove the cell")
+        recorded_at = self.string(data["recorded_at"], f"{where}.recorded_at")
+        try:
+            datetime.fromisoformat(recorded_at)
+        except ValueError:
+            self.fail(f"{where}.recorded_at", f"expected an ISO 8601 time, got {recorded_at!r}")
+        figures = self.mapping(data["figures"], f"{where}.figures")
+        for name, figure in figures.items():
+            if name not in METRICS:
+                known = ", ".join(sorted(METRICS))
+                self.fail(f"{where}.figures", f"unknown metric {name!r}; known metrics: {known}")
+            self.figure(figure, f"{where}.figures.{name}")
+
+    def figure(self, data: Any, where: str) -> None:
+        data = self.mapping(data, where)
+        self.fields(data, where, FigureDict)
+        self.number(data["value"], f"{where}.value")
+        self.number(data["spread"], f"{where}.spread", minimum=0.0)
+        self.integer(data["n"], f"{where}.n", 1)
+        samples = data["samples"]
+        if not isinstance(samples, list):
+            self.fail(f"{where}.samples", f"expected a list of numbers, got {_shown(samples)}")
+        for index, sample in enumerate(samples):
+            self.number(sample, f"{where}.samples[{index}]")
+
+
+class BaselineStore:
+    """The baseline files under one root folder, one subfolder per hardware key."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, hardware_key: str, model: str) -> Path:
+        """The file holding `model`'s baselines on `hardware_key`; both must be slugs."""
+        _check_slug(hardware_key, "hardware key")
+        _check_slug(model, "model name")
+        return self.root / hardware_key / f"{model}.json"
+
+    def hardware_keys(self) -> list[str]:
+        """The hardware keys that have a baseline folder, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _SLUG.match(p.name))
+
+    def load(self, hardware_key: str, model: str) -> dict[str, CellResult]:
+        """The cells stored for `model` on `hardware_key`, by cell id; empty when there is no file.
+
+        Raises BaselineError naming the file and the field when the file does not follow the schema.
+        """
+        document = self._read(hardware_key, model)
+        if document is None:
+            return {}
+        return {key: CellResult.from_dict(cell) for key, cell in document["cells"].items()}
+
+    def get(self, hardware_key: str, cell: CellResult) -> CellResult | None:
+        """The stored baseline of `cell` on `hardware_key`, or None when it has none."""
+        return self.load(hardware_key, cell.model).get(cell.id)
+
+    def merge(self, hardware_key: str, results: Iterable[CellResult]) -> list[Path]:
+        """Store `results` as the baselines of their cells on `hardware_key`; return the files written.
+
+        A stored cell is replaced whole; every other cell, model and hardware key is kept as it was.
+        Cells with an error are not stored (their figures are no baseline); callers find them by
+        `result.error`. Every file is read and checked before any is written, so an invalid file or
+        result raises BaselineError and leaves the disk as it was.
+        """
+        _check_slug(hardware_key, "hardware key")
+        by_model: dict[str, dict[str, CellResult]] = {}
+        for result in results:
+            if result.error is None:
+                _check_slug(result.model, "model name")
+                by_model.setdefault(result.model, {})[result.id] = result
+        if not by_model:
+            return []
+        recorded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        # One lock for the whole store: pytest-xdist workers each merge their own cells into the same
+        # files, and a read-modify-write without it loses cells.
+        with file_lock(self.root / ".lock"):
+            texts: dict[Path, str] = {}
+            for model, cells in sorted(by_model.items()):
+                path = self.path(hardware_key, model)
+                document = self._read(hardware_key, model) or BaselineFile(
+                    schema_version=SCHEMA_VERSION, hardware_key=hardware_key, model=model, cells={}
+                )
+                for key, result in cells.items():
+                    document["cells"][key] = _stored_cell(path, result, recorded_at)
+                texts[path] = json.dumps(document, sort_keys=True, indent=2, allow_nan=False) + "\n"
+            for path, text in texts.items():
+                atomic_write_text(path, text)
+        return list(texts)
+
+    def _read(self, hardware_key: str, model: str) -> BaselineFile | None:
+        path = self.path(hardware_key, model)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except UnicodeDecodeError as exc:
+            raise BaselineError(
+                f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); {_REGENERATE}"
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise BaselineError(
+                f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; {_REGENERATE}"
+            ) from None
+        except BaselineError as exc:
+            raise BaselineError(f"{path}: {exc}; {_REGENERATE}") from None
+        return _Reader(path, _REGENERATE).document(data, hardware_key, model)
+
+
+def _stored_cell(path: Path, result: CellResult, recorded_at: str) -> CellDict:
+    """`result` as it will be stored, checked by the same rules a load applies."""
+    try:
+        # The round trip turns tuples into lists and keeps NaN visible, so the check sees the file's view.
+        data = json.loads(json.dumps({**result.to_dict(), "recorded_at": recorded_at}))
+    except TypeError as exc:
+        raise BaselineError(
+            f"{path}: cells[{result.id!r}]: cannot be stored as JSON ({exc}); "
+            "keep config, environment, hardware and details to plain JSON values"
+        ) from None
+    _Reader(path, "nothing was stored; fix what produced this result").cell(data, result.id, result.model)
+    return data
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Relative tolerances per metric, overridable per metric and per method, and the noise allowance.
+
+    A method override beats a metric override, which beats the metric's default from METRICS.
+    """
+
+    defaults: dict[str, float] = field(default_factory=lambda: {n: m.tolerance for n, m in METRICS.items()})
+    metric_overrides: dict[str, float] = field(default_factory=dict)
+    method_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    noise_sigmas: float = 2.0
+
+    def for_cell(self, method: str, metric: str) -> float:
+        """The tolerance that applies to `metric` in cells of `method`."""
+        if metric not in self.defaults:
+            raise KeyError(f"unknown metric {metric!r}; known metrics: {', '.join(sorted(self.defaults))}")
+        method_tolerances = self.method_overrides.get(method, {})
+        if metric in method_tolerances:
+            return method_tolerances[metric]
+        return self.metric_overrides.get(metric, self.defaults[metric])
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], source: str) -> Tolerances:
+        """Read a tolerance table such as the matrix file's `[tolerances]`; `source` names it in errors.
+
+        `{"ppl": 0.02, "methods": {"bnb-int8": {"decode_tokens_per_s": 0.2}}, "noise_sigmas": 2}`
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a table, got {_shown(data)}")
+        metric_overrides: dict[str, float] = {}
+        method_overrides: dict[str, dict[str, float]] = {}
+        noise_sigmas = 2.0
+        for key, value in data.items():
+            if key == "methods":
+                if not isinstance(value, dict):
+                    raise ValueError(f"{source}: methods: expected a table of methods, got {_shown(value)}")
+                for method, table in value.items():
+                    if not isinstance(table, dict):
+                        raise ValueError(f"{source}: methods.{method}: expected a table of "
+                                         f"metric = tolerance, got {_shown(table)}")
+                    method_overrides[method] = {
+                        name: _tolerance(tol, source, f"methods.{method}.{name}", name)
+                        for name, tol in table.items()
+                    }
+            elif key == "noise_sigmas":
+                if not _is_number(value) or not 0 <= value < math.inf:
+                    raise ValueError(f"{source}: noise_sigmas: expected a number of at least 0 "
+                                     f"(0 ignores noise), got {_shown(value)}")
+                noise_sigmas = float(value)
+            else:
+                metric_overrides[key] = _tolerance(value, source, key, key)
+        return cls(metric_overrides=metric_overrides, method_overrides=method_overrides,
+                   noise_sigmas=noise_sigmas)
+
+    def with_cli(self, specs: list[str]) -> Tolerances:
+        """These tolerances with `--tolerance` specs applied in order: `metric=0.1` or `method:metric=0.1`."""
+        metric_overrides = dict(self.metric_overrides)
+        method_overrides = {method: dict(table) for method, table in self.method_overrides.items()}
+        for spec in specs:
+            source = f"--tolerance {spec!r}"
+            target, equals, value = spec.rpartition("=")
+            # Metric names have no ':', so the last one splits; a method name may carry its own.
+            method, colon, name = (part.strip() for part in target.rpartition(":"))
+            if not equals or not name or (colon and not method):
+                raise ValueError(
+                    f"{source}: expected metric=TOLERANCE or method:metric=TOLERANCE, e.g. ppl=0.02"
+                )
+            try:
+                number: Any = float(value)
+            except ValueError:
+                number = value
+            if colon:
+                method_overrides.setdefault(method, {})[name] = _tolerance(number, source, target, name)
+            else:
+                metric_overrides[name] = _tolerance(number, source, target, name)
+        return replace(self, metric_overrides=metric_overrides, method_overrides=method_overrides)
+
+
+def _tolerance(value: Any, source: str, where: str, metric_name: str) -> float:
+    """Check one relative tolerance: a known metric and a number in [0, 10)."""
+    if metric_name not in METRICS:
+        known = ", ".join(sorted(METRICS))
+        raise ValueError(f"{source}: {where}: unknown metric {metric_name!r}; known metrics: {known}")
+    if not _is_number(value) or not 0 <= value < 10:
+        raise ValueError(f"{source}: {where}: expected a relative tolerance from 0 up to 10 "
+                         f"(0.05 = 5%), got {_shown(value)}")
+    return float(value)
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How one metric of one cell compares with its baseline.
+
+    `change` is relative to the baseline and signed so that positive is worse whatever the metric's
+    direction. `noise` is the relative change that the spreads of baseline and run can explain.
+    """
+
+    cell_id: str
+    metric: str
+    baseline: float
+    measured: float
+    change: float
+    tolerance: float
+    noise: float
+    regressed: bool
+
+    @property
+    def message(self) -> str:
+        """One line for people: what changed, by how much, and the limits it was held to."""
+        amount = f"{abs(self.change):.1%}"
+        if self.regressed:
+            outcome = f"regressed {amount}"
+        elif self.change < 0:
+            outcome = f"improved {amount}"
+        elif self.change == 0:
+            outcome = "did not change"
+        elif self.change <= self.tolerance:
+            outcome = f"worsened {amount}, within tolerance"
+        else:
+            outcome = f"worsened {amount}, within noise"
+        unit = METRICS[self.metric].unit if self.metric in METRICS else ""
+        suffix = f" {unit}" if unit else ""
+        return (
+            f"{self.metric} of {self.cell_id} {outcome} (baseline {_number(self.baseline)}{suffix}, "
+            f"measured {_number(self.measured)}{suffix}; "
+            f"tolerance {self.tolerance:.1%}, noise {self.noise:.1%})"
+        )
+
+
+class RegressionRule(Protocol):
+    """Decides whether one measured figure regressed from its baseline figure."""
+
+    def check(
+        self, cell_id: str, metric: str, baseline: Figure, measured: Figure, tolerance: float
+    ) -> Verdict:
+        """Compare `measured` with `baseline` under a relative `tolerance`."""
+        ...
+
+
+@dataclass(frozen=True)
+class RelativeNoiseAwareRule:
+    """Regressed when worse by more than the tolerance and by more than `noise_sigmas` combined spreads.
+
+    The noise is the standard deviation of the difference of two independent figures,
+    sqrt(spread_baseline^2 + spread_measured^2), times `noise_sigmas`.
+    """
+
+    noise_sigmas: float = 2.0
+
+    def check(
+        self, cell_id: str, metric: str, baseline: Figure, measured: Figure, tolerance: float
+    ) -> Verdict:
+        """Compare `measured` with `baseline` under a relative `tolerance` and the measured noise."""
+        difference = measured.value - baseline.value
+        worse_by = -difference if metric_spec(metric).higher_is_better else difference
+        noise = self.noise_sigmas * math.hypot(baseline.spread, measured.spread)
+        scale = abs(baseline.value)
+        if scale:
+            change, relative_noise = worse_by / scale, noise / scale
+        else:
+            # Against a zero baseline any change is unbounded relative to it; its sign still says which way.
+            change = math.copysign(math.inf, worse_by) if worse_by else 0.0
+            relative_noise = math.inf if noise else 0.0
+        regressed = change > tolerance and abs(worse_by) > noise
+        return Verdict(cell_id, metric, baseline.value, measured.value, change, tolerance, relative_noise,
+                       regressed)
+
+
+def compare(
+    measured: CellResult,
+    baseline: CellResult | None,
+    tolerances: Tolerances,
+    rule: RegressionRule | None = None,
+) -> list[Verdict]:
+    """Verdicts for the figures `measured` and `baseline` both have, sorted by metric.
+
+    Figures only one side has are left to the caller to report. Without a `rule`, a
+    RelativeNoiseAwareRule with the tolerances' `noise_sigmas` decides.
+    """
+    if baseline is None:
+        return []
+    if baseline.id != measured.id:
+        raise ValueError(f"cannot compare cell {measured.id!r} with the baseline of {baseline.id!r}")
+    if rule is None:
+        rule = RelativeNoiseAwareRule(tolerances.noise_sigmas)
+    return [
+        rule.check(measured.id, name, baseline.figures[name], measured.figures[name],
+                   tolerances.for_cell(measured.method, name))
+        for name in sorted(measured.figures.keys() & baseline.figures.keys())
+    ]
+
+
+def regressions(verdicts: Iterable[Verdict]) -> list[Verdict]:
+    """The verdicts that regressed."""
+    return [verdict for verdict in verdicts if verdict.regressed]

@@ -1,0 +1,54 @@
+"""Command line (`quantbench ...` or `python -m harness.cli ...`): compare, keys, build-embedded, build-synthetic."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quantbench", description=__doc__)
+    parser.add_argument("--baselines-dir", default="baselines", help="the baseline store (default: baselines)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmp = sub.add_parser("compare", help="per-cell ratios between two hardware keys' baselines")
+    cmp.add_argument("key_a")
+    cmp.add_argument("key_b")
+    cmp.add_argument("--metrics", default=None, help="comma-separated metrics to show (default: all)")
+    sub.add_parser("keys", help="list the hardware keys with baselines, and this machine's keys")
+    sub.add_parser("build-embedded", help="build (or find cached) the embedded model and print its folder")
+    syn = sub.add_parser("build-synthetic", help="build (or find cached) synthetic weights for an architecture")
+    syn.add_argument("arch")
+    syn.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from harness.baselines import BaselineStore
+
+    store = BaselineStore(Path(args.baselines_dir))
+    if args.command == "compare":
+        from harness.report import compare_hardware
+
+        metrics = args.metrics.split(",") if args.metrics else None
+        try:
+            print(compare_hardware(store, args.key_a, args.key_b, metrics))
+        except KeyError as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 2
+    elif args.command == "keys":
+        from harness.hardware import gpu_info, hardware_key
+
+        print("stored:", ", ".join(store.hardware_keys()) or "(none)")
+        print("this machine:", hardware_key("cpu"), *([hardware_key("cuda")] if gpu_info() else []))
+    elif args.command == "build-embedded":
+        from harness.embedded import build
+
+        print(build())
+    elif args.command == "build-synthetic":
+        from harness.models import synthetic_folder
+
+        print(synthetic_folder(args.arch, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

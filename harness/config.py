@@ -1,0 +1,331 @@
+"""The benchmark matrix: models x methods x batch sizes, read from a TOML file and validated.
+
+Every error names the file and the field (`matrix.toml: methods.bnb-nf4.quant: ...`) and nothing is run
+until the whole file is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MODEL_SOURCES = ("embedded", "synthetic", "local", "hub")
+
+
+class MatrixError(ValueError):
+    """A matrix file, or a command-line narrowing of it, that cannot be used."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How throughput and memory are measured for every cell of a suite."""
+
+    prompt_tokens: int = 128  # tokens in each prompt; every backend gets the same ids
+    new_tokens: int = 64  # exactly this many tokens are generated (EOS ignored, min = max)
+    warmup: int = 1  # full-length untimed runs per batch size before timing (compiles, caches, clocks)
+    repeats: int = 5  # timed repeats; each figure is their median, their spread is recorded
+    cell_timeout_s: float = 1800.0  # a (method, model) worker still running after this is killed
+    seed: int = 0  # seeds prompt ids for models without a tokenizer, and sampling-free generation
+
+
+@dataclass(frozen=True)
+class AccuracyConfig:
+    """The perplexity protocol: recorded beside every figure it produces."""
+
+    context_tokens: int = 256  # tokens per evaluation window
+    stride: int = 256  # new tokens scored per window; windows overlap by max(context - stride, 1)
+    max_eval_tokens: int = 4096  # evaluation tokens used from the held-out text (or seeded ids)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model's weights come from."""
+
+    name: str
+    source: str  # embedded | synthetic | local | hub
+    arch: str | None = None  # synthetic: an architecture file in harness/archs (without .json)
+    seed: int = 0  # synthetic: the seed of the random weights
+    path: str | None = None  # local: a folder with config.json and safetensors weights
+    hub_id: str | None = None  # hub: a model id, resolved through the Hugging Face cache
+    revision: str | None = None  # hub: a branch, tag or commit
+    slow: bool = False  # marks its cells `slow`
+
+    @property
+    def synthetic(self) -> bool:
+        """True when the weights are random: accuracy figures then say nothing about a real model."""
+        return self.source == "synthetic"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One quantization method: a backend name and its parameters."""
+
+    name: str
+    backend: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def param(self, key: str, default: Any = None) -> Any:
+        return dict(self.params).get(key, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "backend": self.backend, "params": dict(self.params)}
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named slice of the matrix (`cpu`, `gpu`): its marker, models, methods and batch sizes."""
+
+    name: str
+    models: tuple[str, ...]
+    methods: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    run: RunConfig
+    accuracy: AccuracyConfig
+    tolerances: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"  # cpu | cuda
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (suite, method, model) unit of work and the batch sizes it measures in one load."""
+
+    suite: Suite
+    method: MethodSpec
+    model: ModelSpec
+    batch_sizes: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.suite.name}:{self.method.name}|{self.model.name}"
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A validated matrix file."""
+
+    path: Path
+    models: dict[str, ModelSpec]
+    methods: dict[str, MethodSpec]
+    suites: dict[str, Suite]
+    tolerances: dict[str, Any]
+
+    def cells(
+        self,
+        models: Iterable[str] | None = None,
+        methods: Iterable[str] | None = None,
+        batch_sizes: Iterable[int] | None = None,
+    ) -> list[Cell]:
+        """All (suite, method, model) cells, narrowed by the command-line filters."""
+        want_models = self._check_names("--models", models, self.models)
+        want_methods = self._check_names("--methods", methods, self.methods)
+        want_batches = set(batch_sizes) if batch_sizes else None
+        cells = []
+        for suite in self.suites.values():
+            sizes = tuple(b for b in suite.batch_sizes if want_batches is None or b in want_batches)
+            if not sizes:
+                continue
+            for method in suite.methods:
+                if want_methods is not None and method not in want_methods:
+                    continue
+                for model in suite.models:
+                    if want_models is not None and model not in want_models:
+                        continue
+                    cells.append(Cell(suite, self.methods[method], self.models[model], sizes))
+        return cells
+
+    def _check_names(self, option: str, names: Iterable[str] | None, known: dict[str, Any]) -> set[str] | None:
+        if not names:
+            return None
+        names = set(names)
+        unknown = sorted(names - set(known))
+        if unknown:
+            raise MatrixError(f"{option}: unknown name(s) {', '.join(unknown)} in {self.path}; "
+                              f"known: {', '.join(sorted(known))}")
+        return names
+
+
+def _fields_of(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _check_type(where: str, value: Any, expected: type | tuple[type, ...]) -> Any:
+    # bool is an int in Python; a `true` where a count is expected is still a mistake.
+    if isinstance(value, bool) and expected is not bool and bool not in (expected if isinstance(expected, tuple)
+                                                                          else (expected,)):
+        raise MatrixError(f"{where}: expected {_type_name(expected)}, got {value!r}")
+    if not isinstance(value, expected):
+        raise MatrixError(f"{where}: expected {_type_name(expected)}, got {value!r}")
+    return value
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(t.__name__ for t in types)
+
+
+def _dataclass_from(cls: type, data: dict[str, Any], where: str, base: Any = None) -> Any:
+    """Build a frozen config dataclass from a TOML table, checking names and types."""
+    fields = _fields_of(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise MatrixError(f"{where}.{unknown[0]}: unknown field; known: {', '.join(fields)}")
+    values = {}
+    for name, value in data.items():
+        f = fields[name]
+        expected: type | tuple[type, ...] = (int, float) if f.type in ("float", float) else int
+        _check_type(f"{where}.{name}", value, expected)
+        if value < 0 or (value == 0 and name not in ("warmup", "seed")):
+            raise MatrixError(f"{where}.{name}: must be positive, got {value!r}")
+        values[name] = value
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+
+def _parse_model(name: str, data: Any, where: str) -> ModelSpec:
+    _check_type(where, data, dict)
+    fields = _fields_of(ModelSpec)
+    unknown = sorted(set(data) - set(fields) | ({"name"} & set(data)))
+    if unknown:
+        bad = unknown[0]
+        hint = (f" (a name with a dot must be quoted in TOML: [models.\"{where.rsplit('.', 1)[-1]}.{bad}\"])"
+                if isinstance(data[bad], dict) else "")
+        raise MatrixError(f"{where}.{bad}: unknown field; known: "
+                          f"{', '.join(f for f in fields if f != 'name')}{hint}")
+    source = data.get("source")
+    if source not in MODEL_SOURCES:
+        raise MatrixError(f"{where}.source: expected one of {', '.join(MODEL_SOURCES)}, got {source!r}")
+    required = {"synthetic": "arch", "local": "path", "hub": "hub_id"}.get(source)
+    if required and not data.get(required):
+        raise MatrixError(f"{where}.{required}: required for a {source} model")
+    for key in ("arch", "path", "hub_id", "revision"):
+        if key in data:
+            _check_type(f"{where}.{key}", data[key], str)
+    if "seed" in data:
+        _check_type(f"{where}.seed", data["seed"], int)
+    if "slow" in data:
+        _check_type(f"{where}.slow", data["slow"], bool)
+    return ModelSpec(name=name, **data)
+
+
+def _parse_method(name: str, data: Any, where: str) -> MethodSpec:
+    _check_type(where, data, dict)
+    backend = data.get("backend")
+    if not isinstance(backend, str):
+        raise MatrixError(f"{where}.backend: required, the name of a backend (e.g. torch, bnb)")
+    from harness.methods import BACKENDS, method_class
+
+    if backend not in BACKENDS:
+        raise MatrixError(f"{where}.backend: unknown backend {backend!r}; known: {', '.join(sorted(BACKENDS))}")
+    params = {k: v for k, v in data.items() if k != "backend"}
+    method_class(backend).validate(params, where)
+    return MethodSpec(name=name, backend=backend, params=tuple(sorted(params.items())))
+
+
+def _names(where: str, value: Any, known: dict[str, Any], kind: str) -> tuple[str, ...]:
+    _check_type(where, value, list)
+    for i, item in enumerate(value):
+        if item not in known:
+            raise MatrixError(f"{where}[{i}]: unknown {kind} {item!r}; known: {', '.join(sorted(known))}")
+    return tuple(value)
+
+
+def load_matrix(path: str | Path) -> Matrix:
+    """Read and validate a matrix file; raise MatrixError naming the file and field on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise MatrixError(f"{path}: matrix file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise MatrixError(f"{path}: not valid TOML: {exc}") from None
+    return parse_matrix(data, str(path))
+
+
+def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
+    """Validate an already-parsed matrix table; `source` names it in errors."""
+    allowed = {"run", "accuracy", "tolerances", "models", "methods", "suites"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise MatrixError(f"{source}: {unknown[0]}: unknown table; known: {', '.join(sorted(allowed))}")
+    run = _dataclass_from(RunConfig, data.get("run", {}), f"{source}: run")
+    accuracy = _dataclass_from(AccuracyConfig, data.get("accuracy", {}), f"{source}: accuracy")
+    if accuracy.stride > accuracy.context_tokens:
+        raise MatrixError(f"{source}: accuracy.stride: must not exceed accuracy.context_tokens")
+
+    models = {}
+    for name, entry in data.get("models", {}).items():
+        where = f"{source}: models.{name}"
+        if not NAME_RE.match(name):
+            raise MatrixError(f"{where}: a model name may hold letters, digits, '.', '_' and '-' only")
+        models[name] = _parse_model(name, entry, where)
+    methods = {}
+    for name, entry in data.get("methods", {}).items():
+        where = f"{source}: methods.{name}"
+        if not NAME_RE.match(name):
+            raise MatrixError(f"{where}: a method name may hold letters, digits, '.', '_' and '-' only")
+        methods[name] = _parse_method(name, entry, where)
+
+    tolerances = data.get("tolerances", {})
+    _check_tolerances(tolerances, f"{source}: tolerances", methods)
+    suites = {}
+    for name, entry in data.get("suites", {}).items():
+        where = f"{source}: suites.{name}"
+        _check_type(where, entry, dict)
+        allowed_suite = {"models", "methods", "batch_sizes", "run", "accuracy", "tolerances", "device"}
+        bad = sorted(set(entry) - allowed_suite)
+        if bad:
+            raise MatrixError(f"{where}.{bad[0]}: unknown field; known: {', '.join(sorted(allowed_suite))}")
+        batch_sizes = entry.get("batch_sizes", [1])
+        _check_type(f"{where}.batch_sizes", batch_sizes, list)
+        for i, b in enumerate(batch_sizes):
+            _check_type(f"{where}.batch_sizes[{i}]", b, int)
+            if b < 1:
+                raise MatrixError(f"{where}.batch_sizes[{i}]: must be at least 1, got {b}")
+        device = entry.get("device", "cpu")
+        if device not in ("cpu", "cuda"):
+            raise MatrixError(f"{where}.device: expected 'cpu' or 'cuda', got {device!r}")
+        suite_tolerances = entry.get("tolerances", {})
+        _check_tolerances(suite_tolerances, f"{where}.tolerances", methods)
+        suites[name] = Suite(
+            name=name,
+            models=_names(f"{where}.models", entry.get("models", []), models, "model"),
+            methods=_names(f"{where}.methods", entry.get("methods", []), methods, "method"),
+            batch_sizes=tuple(batch_sizes),
+            run=_dataclass_from(RunConfig, entry.get("run", {}), f"{where}.run", base=run),
+            accuracy=_dataclass_from(AccuracyConfig, entry.get("accuracy", {}), f"{where}.accuracy", base=accuracy),
+            tolerances=_merge_tolerances(tolerances, suite_tolerances),
+            device=device,
+        )
+    if not suites:
+        raise MatrixError(f"{source}: suites: at least one suite is needed (e.g. [suites.cpu])")
+    return Matrix(Path(source), models, methods, suites, tolerances)
+
+
+def _check_tolerances(data: Any, where: str, methods: dict[str, MethodSpec]) -> None:
+    _check_type(where, data, dict)
+    from harness.baselines import Tolerances
+
+    try:
+        Tolerances.from_mapping(data, where)
+    except ValueError as exc:
+        raise MatrixError(str(exc)) from None
+    for method in data.get("methods", {}):
+        if method not in methods:
+            raise MatrixError(f"{where}.methods.{method}: unknown method; known: {', '.join(sorted(methods))}")
+
+
+def _merge_tolerances(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = {k: v for k, v in base.items() if k != "methods"}
+    merged.update({k: v for k, v in override.items() if k != "methods"})
+    methods = {m: dict(v) for m, v in base.get("methods", {}).items()}
+    for m, v in override.get("methods", {}).items():
+        methods.setdefault(m, {}).update(v)
+    if methods:
+        merged["methods"] = methods
+    return merged

@@ -1,0 +1,165 @@
+"""Which machine this is: a GPU-aware hardware key for baselines, and the facts that go with each figure."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+# Library versions recorded with every figure; a missing one is recorded as None.
+TRACKED_PACKAGES = (
+    "torch", "transformers", "accelerate", "safetensors", "tokenizers", "sentencepiece", "bitsandbytes",
+    "llama-cpp-python", "gguf", "gptqmodel", "auto-gptq", "autoawq", "lm-eval", "nvidia-ml-py",
+    "pytest", "pytest-benchmark", "numpy",
+)
+
+
+def slug(text: str) -> str:
+    """Lower-case `text` and keep runs of letters and digits joined by '-'."""
+    text = re.sub(r"\((r|tm)\)", "", text, flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (or the platform module elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=1)
+def _nvml() -> Any | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # no driver, no library: this machine has no NVIDIA GPU to describe
+        return None
+
+
+def gpu_info(index: int = 0) -> dict[str, Any] | None:
+    """Name, memory, driver and compute capability of GPU `index` through NVML, without a CUDA context."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        if index >= nvml.nvmlDeviceGetCount():
+            return None
+        handle = nvml.nvmlDeviceGetHandleByIndex(_physical_index(index))
+        name = nvml.nvmlDeviceGetName(handle)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        info = {
+            "name": name.decode() if isinstance(name, bytes) else name,
+            "memory_mib": memory.total // 2**20,
+            "driver": _decode(nvml.nvmlSystemGetDriverVersion()),
+            "cuda_driver": nvml.nvmlSystemGetCudaDriverVersion_v2(),
+            "compute_capability": f"{major}.{minor}",
+            "uuid": _decode(nvml.nvmlDeviceGetUUID(handle)),
+            "count": nvml.nvmlDeviceGetCount(),
+        }
+        try:
+            info["max_memory_clock_mhz"] = nvml.nvmlDeviceGetMaxClockInfo(handle, nvml.NVML_CLOCK_MEM)
+            info["memory_bus_width_bits"] = nvml.nvmlDeviceGetMemoryBusWidth(handle)
+        except nvml.NVMLError:
+            pass
+        return info
+    except nvml.NVMLError:
+        return None
+
+
+def _decode(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _physical_index(index: int) -> int:
+    """Map a CUDA-visible index to NVML's index when CUDA_VISIBLE_DEVICES lists plain numbers."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    parts = [p.strip() for p in visible.split(",") if p.strip()]
+    if parts and all(p.isdigit() for p in parts) and index < len(parts):
+        return int(parts[index])
+    return index
+
+
+def hardware_key(device: str) -> str:
+    """The baseline folder name for `device`: GPU name and memory (`nvidia-h100-80gb-hbm3`), else the CPU.
+
+    The GPU's memory is added in GiB when its name does not already carry it (`nvidia-h200-140gb`), so
+    cards that share a name but not a memory size never share baselines.
+    """
+    if device == "cuda":
+        info = gpu_info()
+        if info is None:
+            raise RuntimeError("a CUDA device was asked for, but NVML sees no GPU")
+        key = slug(info["name"])
+        if not re.search(r"\d+gb", key):
+            key += f"-{round(info['memory_mib'] / 1024)}gb"
+        return key
+    name = cpu_model()
+    name = re.sub(r"\bcpu\b|@.*$|\bprocessor\b", "", name, flags=re.IGNORECASE)
+    return "cpu-" + slug(name) + f"-{os.cpu_count()}c"
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """What a figure was measured on: the hardware key, CPU, GPU (when used), OS and Python."""
+    info: dict[str, Any] = {
+        "hardware_key": hardware_key(device),
+        "device": device,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
+    if device == "cuda":
+        info["gpu"] = gpu_info()
+    return info
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries that decide a figure."""
+    versions: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+@functools.lru_cache(maxsize=1)
+def suite_revision() -> str | None:
+    """The git commit of this checkout (with `+dirty` when it has local changes), if it is a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def environment() -> dict[str, Any]:
+    """Library versions, CUDA/torch build facts and the suite's own revision."""
+    env: dict[str, Any] = {"packages": package_versions(), "quantbench_revision": suite_revision()}
+    try:
+        import torch
+
+        env["torch_cuda"] = torch.version.cuda
+        env["torch_threads"] = torch.get_num_threads()
+        if torch.backends.cudnn.is_available():
+            env["cudnn"] = torch.backends.cudnn.version()
+    except ImportError:
+        pass
+    return env

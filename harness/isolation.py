@@ -1,0 +1,91 @@
+"""Run one (method, model) in its own process: clean peak memory, and crashes, OOM and hangs become results.
+
+The batch sizes of one (method, model) share the worker's single load. Whatever the worker wrote before
+it died is kept; the batch sizes it never reached get an error naming what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.results import CellResult
+
+LOG_TAIL_CHARS = 4000
+
+
+@dataclass
+class Outcome:
+    """What came back from one worker: results per cell, or why there are none."""
+
+    status: str  # ok | skipped | error | crashed | timeout
+    reason: str | None = None
+    results: list[CellResult] = field(default_factory=list)
+    log_tail: str = ""
+    wall_s: float = 0.0
+
+    def result(self, batch_size: int | None) -> CellResult | None:
+        """The result of one batch size (None: the per-model figures), if the worker produced it."""
+        for result in self.results:
+            if result.batch_size == batch_size:
+                return result
+        return None
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def _looks_like_oom(log: str) -> bool:
+    return any(s in log for s in ("OutOfMemoryError", "CUDA out of memory", "MemoryError", "std::bad_alloc"))
+
+
+def run_isolated(job: dict[str, Any], timeout_s: float, env: dict[str, str] | None = None) -> Outcome:
+    """Run `python -m harness.worker` on `job` with a wall-clock limit; never raises for worker failures."""
+    import time
+
+    with tempfile.TemporaryDirectory(prefix="quantbench-cell-") as tmp:
+        job_path, out_path, log_path = Path(tmp, "job.json"), Path(tmp, "out.json"), Path(tmp, "worker.log")
+        job_path.write_text(json.dumps(job))
+        start = time.perf_counter()
+        with open(log_path, "wb") as log:
+            # A new session lets a timeout kill the worker and anything it started (compilers, threads).
+            process = subprocess.Popen([sys.executable, "-m", "harness.worker", str(job_path), str(out_path)],
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                       env={**os.environ, **(env or {})})
+            try:
+                returncode = process.wait(timeout=timeout_s)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                returncode = process.wait()
+                timed_out = True
+        wall = time.perf_counter() - start
+        log_text = log_path.read_text(errors="replace")
+        data = json.loads(out_path.read_text()) if out_path.is_file() else {"status": "crashed", "results": []}
+
+    outcome = Outcome(status=data.get("status", "crashed"), reason=data.get("reason"),
+                      results=[CellResult.from_dict(r) for r in data.get("results", [])],
+                      log_tail=log_text[-LOG_TAIL_CHARS:], wall_s=wall)
+    if timed_out:
+        outcome.status = "timeout"
+        outcome.reason = f"worker still running after {timeout_s:g} s (cell_timeout_s) and was killed"
+    elif outcome.status == "running" or (returncode != 0 and outcome.status == "ok"):
+        outcome.status = "crashed"
+        cause = "out of memory" if _looks_like_oom(log_text) else "crashed"
+        outcome.reason = f"worker {cause} ({_describe_exit(returncode)})"
+    elif outcome.status == "error" and _looks_like_oom(log_text):
+        outcome.reason = f"out of memory: {outcome.reason}"
+    return outcome

@@ -1,0 +1,1 @@
+"""Measuring: throughput, memory and accuracy, each a small context manager or pure function."""

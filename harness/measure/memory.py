@@ -1,0 +1,97 @@
+"""Peak memory while a block runs: torch's allocator, the driver's view (NVML) and the host's RSS."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from harness.results import Figure
+
+SAMPLE_INTERVAL_S = 0.005
+MIB = 2**20
+
+
+class _Sampler(threading.Thread):
+    """Polls a reading in the background and keeps its maximum."""
+
+    def __init__(self, read: Any) -> None:
+        super().__init__(daemon=True)
+        self.read = read
+        self.peak = read()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(SAMPLE_INTERVAL_S):
+            self.peak = max(self.peak, self.read())
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return max(self.peak, self.read())
+
+
+def _rss_reader() -> Any:
+    import psutil
+
+    process = psutil.Process(os.getpid())
+    return lambda: process.memory_info().rss
+
+
+def nvml_reader() -> tuple[Any, str] | None:
+    """A function reading this process's device memory through NVML, and its scope.
+
+    The scope is `process` when NVML lists this process (its own usage), else `device` (all usage on the
+    GPU: inside containers NVML often cannot see the process's pid).
+    """
+    from harness.hardware import _nvml, _physical_index
+
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        handle = nvml.nvmlDeviceGetHandleByIndex(_physical_index(0))
+    except nvml.NVMLError:
+        return None
+    pid = os.getpid()
+
+    def process_usage() -> int:
+        for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == pid and proc.usedGpuMemory is not None:
+                return int(proc.usedGpuMemory)
+        return -1
+
+    if process_usage() >= 0:
+        return process_usage, "process"
+    return (lambda: int(nvml.nvmlDeviceGetMemoryInfo(handle).used)), "device"
+
+
+@contextmanager
+def track_memory(device: str) -> Iterator[dict[str, Any]]:
+    """Yield a dict that receives peak memory Figures (MiB) for the block, and the NVML scope used."""
+    out: dict[str, Any] = {}
+    rss = _Sampler(_rss_reader())
+    samplers = {"peak_rss_mib": rss}
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        reader = nvml_reader()
+        if reader is not None:
+            samplers["peak_nvml_mib"] = _Sampler(reader[0])
+            out["nvml_scope"] = reader[1]
+    for sampler in samplers.values():
+        sampler.start()
+    try:
+        yield out
+    finally:
+        if device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            out["peak_vram_mib"] = Figure(torch.cuda.max_memory_allocated() / MIB)
+        for name, sampler in samplers.items():
+            out[name] = Figure(sampler.stop() / MIB)

@@ -1,0 +1,94 @@
+"""What every quantization method provides: parameter checking, availability, loading and generation."""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class MethodUnavailable(RuntimeError):
+    """This method cannot run here (library missing, no GPU, unsupported hardware): its cells skip."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One matrix parameter of a method: its type, default, allowed values and a one-line help."""
+
+    type: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+
+
+class Method(ABC):
+    """A quantization method behind the registry; one instance loads one model in one worker process."""
+
+    NAME: ClassVar[str]
+    PARAMS: ClassVar[dict[str, Param]] = {}
+    MARKER: ClassVar[str]  # pytest marker of its cells
+
+    def __init__(self, params: dict[str, Any], device: str) -> None:
+        self.params = {name: params.get(name, p.default) for name, p in self.PARAMS.items()}
+        self.device = device
+
+    @classmethod
+    def validate(cls, params: dict[str, Any], where: str) -> None:
+        """Raise ValueError naming `where` and the field for an unknown, mistyped or out-of-range parameter."""
+        from harness.config import MatrixError
+
+        for name, value in params.items():
+            if name not in cls.PARAMS:
+                raise MatrixError(f"{where}.{name}: unknown parameter of backend {cls.NAME!r}; "
+                                  f"known: {', '.join(sorted(cls.PARAMS))}")
+            spec = cls.PARAMS[name]
+            ok_type = isinstance(value, spec.type) and not (spec.type is not bool and isinstance(value, bool))
+            if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
+                ok_type = True
+            if not ok_type:
+                raise MatrixError(f"{where}.{name}: expected {spec.type.__name__}, got {value!r}")
+            if spec.choices is not None and value not in spec.choices:
+                raise MatrixError(f"{where}.{name}: expected one of {', '.join(map(str, spec.choices))}, "
+                                  f"got {value!r}")
+
+    @classmethod
+    def requires(cls) -> tuple[str, ...]:
+        """Importable modules this method needs; a missing one skips its cells."""
+        return ()
+
+    def check_available(self) -> None:
+        """Raise MethodUnavailable with the reason when this method cannot run on this machine."""
+        for module in self.requires():
+            if importlib.util.find_spec(module) is None:
+                raise MethodUnavailable(f"{module} is not installed (install quantbench's "
+                                        f"'{self.MARKER}' extra)")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise MethodUnavailable("no CUDA GPU on this machine")
+
+    @abstractmethod
+    def load(self, pretrained: str) -> Any:
+        """Load (and quantize) the model from a folder or hub id onto the device; return it in eval mode."""
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Extra `generate()` arguments this method runs with (e.g. a static cache)."""
+        return {}
+
+    def describe(self, model: Any) -> dict[str, Any]:
+        """The resolved settings that decide this method's figures, recorded with every result."""
+        return {"backend": self.NAME, "params": dict(self.params)}
+
+    def verify(self, model: Any) -> None:  # noqa: B027 - most methods have nothing to verify
+        """Raise when the loaded model is not what the parameters asked for (a silent fallback)."""
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype named `name` (one of DTYPES)."""
+    import torch
+
+    return getattr(torch, name)

@@ -1,0 +1,58 @@
+"""bitsandbytes: LLM.int8 and 4-bit NF4 / FP4 (optionally double-quantized) through transformers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.methods.base import DTYPES, Method, Param, torch_dtype
+
+
+class BitsAndBytesMethod(Method):
+    """Weights quantized on load by bitsandbytes; runs on CUDA GPUs and (0.48+) on x86 CPUs."""
+
+    NAME = "bnb"
+    MARKER = "bnb"
+    PARAMS = {
+        "quant": Param(str, "nf4", "int8 (LLM.int8), nf4 or fp4", ("int8", "nf4", "fp4")),
+        "double_quant": Param(bool, False, "4-bit: quantize the quantization constants too"),
+        "compute_dtype": Param(str, "float16", "4-bit: dtype of the matmuls", DTYPES),
+        "dtype": Param(str, "float16", "dtype of the modules left unquantized (norms, lm_head)", DTYPES),
+        "int8_threshold": Param(float, 6.0, "int8: outlier threshold; activations above it stay in 16 bit"),
+    }
+
+    @classmethod
+    def requires(cls) -> tuple[str, ...]:
+        return ("bitsandbytes",)
+
+    def quantization_config(self) -> Any:
+        from transformers import BitsAndBytesConfig
+
+        if self.params["quant"] == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(self.params["int8_threshold"]))
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.params["quant"],
+            bnb_4bit_use_double_quant=self.params["double_quant"],
+            bnb_4bit_compute_dtype=torch_dtype(self.params["compute_dtype"]),
+        )
+
+    def load(self, pretrained: str) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            pretrained,
+            quantization_config=self.quantization_config(),
+            dtype=torch_dtype(self.params["dtype"]),
+            device_map=self.device,
+        )
+        return model.eval()
+
+    def verify(self, model: Any) -> None:
+        import bitsandbytes as bnb
+
+        wanted = bnb.nn.Linear8bitLt if self.params["quant"] == "int8" else bnb.nn.Linear4bit
+        if not any(isinstance(m, wanted) for m in model.modules()):
+            raise RuntimeError(f"no {wanted.__name__} layer in the loaded model: bitsandbytes did not quantize it")
+
+    def describe(self, model: Any) -> dict[str, Any]:
+        return {**super().describe(model), "quantization_config": self.quantization_config().to_dict()}

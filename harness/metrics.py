@@ -1,0 +1,49 @@
+"""The figures the suite records: their units, directions and default tolerances.
+
+Every metric declares whether higher or lower is better, so the gate knows which way a change is a
+regression. Tolerances are relative (0.05 = 5 %) and can be overridden per metric and method in the
+matrix file or on the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What one metric is: its unit, its direction and its default relative tolerance."""
+
+    name: str
+    unit: str
+    higher_is_better: bool
+    tolerance: float
+    help: str
+
+
+METRICS: dict[str, MetricSpec] = {
+    m.name: m
+    for m in (
+        MetricSpec("prefill_tokens_per_s", "tokens/s", True, 0.05,
+                   "batch x prompt tokens over the time to first token"),
+        MetricSpec("decode_tokens_per_s", "tokens/s", True, 0.05,
+                   "batch x (new tokens - 1) over the time from the first new token to the last"),
+        MetricSpec("ttft_ms", "ms", False, 0.10, "from the generate() call to the first new token on the host"),
+        MetricSpec("peak_vram_mib", "MiB", False, 0.05,
+                   "torch max allocated on the device while the batch ran (weights, KV cache, activations)"),
+        MetricSpec("peak_nvml_mib", "MiB", False, 0.05,
+                   "the process's device memory as the driver (NVML) sees it, peak while the batch ran"),
+        MetricSpec("peak_rss_mib", "MiB", False, 0.10, "peak resident set size of the worker process"),
+        MetricSpec("load_s", "s", False, 0.50, "wall time to load (and quantize) the model onto the device"),
+        MetricSpec("ppl", "", False, 0.01, "token-level perplexity on the held-out evaluation tokens"),
+    )
+}
+
+
+def metric(name: str) -> MetricSpec:
+    """Return the spec of `name`, or raise a KeyError that lists the known metrics."""
+    try:
+        return METRICS[name]
+    except KeyError:
+        known = ", ".join(sorted(METRICS))
+        raise KeyError(f"unknown metric {name!r}; known metrics: {known}") from None

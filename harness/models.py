@@ -1,0 +1,203 @@
+"""Where weights come from: the embedded model, a synthetic architecture + seed, a local folder, a hub id.
+
+Every source resolves to something `from_pretrained` accepts, plus the token ids every backend is given:
+prompt ids for throughput and evaluation ids for accuracy. Models with a tokenizer take both from the
+held-out corpus text; synthetic models (no tokenizer) take seeded random ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.cache import atomic_directory, cache_root, file_lock
+from harness.config import AccuracyConfig, ModelSpec
+
+ARCH_DIR = Path(__file__).parent / "archs"
+SYNTHETIC_FORMAT = "v1"  # bump when the way synthetic weights are drawn changes: old caches then miss
+SHARD_BYTES = 2 * 2**30
+INIT_STD = 0.02  # the initializer_range of Llama/Mistral configs
+
+
+class ModelError(ValueError):
+    """A model entry that cannot be resolved (missing folder, unknown architecture, ...)."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready to load: what to pass to `from_pretrained` and what it is."""
+
+    name: str
+    pretrained: str  # a local folder or a hub id
+    has_tokenizer: bool
+    synthetic: bool
+    vocab_size: int
+    provenance: dict[str, Any]
+
+
+def architectures() -> list[str]:
+    """Names of the shipped architecture files (usable as `arch = ...` of a synthetic model)."""
+    return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+
+
+def arch_config(arch: str) -> dict[str, Any]:
+    """The config dict of a shipped architecture, or a ModelError listing the known ones."""
+    path = ARCH_DIR / f"{arch}.json"
+    if not path.is_file():
+        raise ModelError(f"unknown architecture {arch!r}; known: {', '.join(architectures())}")
+    config = json.loads(path.read_text())
+    config.pop("_source", None)
+    return config
+
+
+def resolve(spec: ModelSpec, log: Callable[[str], None] = print) -> ResolvedModel:
+    """Turn a model entry into a loadable folder or hub id, building the embedded or synthetic weights once."""
+    if spec.source == "embedded":
+        from harness import embedded
+
+        folder = embedded.build(log=log)
+        meta = json.loads((folder / "quantbench_embedded.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+        return ResolvedModel(spec.name, str(folder), True, False, config["vocab_size"],
+                             {"source": "embedded", "recipe_key": meta.get("recipe_key"), "folder": str(folder)})
+    if spec.source == "synthetic":
+        folder = synthetic_folder(spec.arch or "", spec.seed, log=log)
+        config = json.loads((folder / "config.json").read_text())
+        return ResolvedModel(spec.name, str(folder), False, True, config["vocab_size"],
+                             {"source": "synthetic", "arch": spec.arch, "seed": spec.seed,
+                              "format": SYNTHETIC_FORMAT, "folder": str(folder)})
+    if spec.source == "local":
+        folder = Path(spec.path or "").expanduser()
+        if not folder.is_dir():
+            raise ModelError(f"model {spec.name!r}: path {str(folder)!r} is not a folder")
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"model {spec.name!r}: {folder} has no config.json; is it a Hugging Face model folder?")
+        if not any(folder.glob("*.safetensors")):
+            raise ModelError(f"model {spec.name!r}: {folder} holds no *.safetensors weights")
+        config = json.loads((folder / "config.json").read_text())
+        return ResolvedModel(spec.name, str(folder), _has_tokenizer(folder), False, config.get("vocab_size", 0),
+                             {"source": "local", "folder": str(folder.resolve()),
+                              "config_sha256": _sha256((folder / "config.json").read_bytes())})
+    if spec.source == "hub":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(spec.hub_id, revision=spec.revision)
+        return ResolvedModel(spec.name, spec.hub_id or "", True, False, config.vocab_size,
+                             {"source": "hub", "hub_id": spec.hub_id, "revision": spec.revision})
+    raise ModelError(f"model {spec.name!r}: unknown source {spec.source!r}")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def synthetic_folder(arch: str, seed: int, log: Callable[[str], None] = print) -> Path:
+    """A cached HF folder with seeded random fp16 weights in the shape of `arch`.
+
+    Each tensor is drawn from its own CPU generator seeded by (seed, tensor name), so the weights are the
+    same on every machine and do not depend on the order tensors are made in. Norm weights are ones and
+    everything else is N(0, 0.02), as the architectures' own initializers do.
+    """
+    config = arch_config(arch)
+    key = _sha256(json.dumps([config, seed, SYNTHETIC_FORMAT], sort_keys=True).encode())[:16]
+    final = cache_root() / "synthetic" / f"{arch}-s{seed}-{key}"
+    with file_lock(final.with_suffix(".lock")):
+        if (final / "model.safetensors.index.json").is_file():
+            return final
+        log(f"building synthetic weights for {arch} (seed {seed}) in {final}")
+        with atomic_directory(final) as tmp:
+            _write_synthetic(config, seed, tmp, log)
+    return final
+
+
+def _write_synthetic(config: dict[str, Any], seed: int, folder: Path, log: Callable[[str], None]) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+    shard_count = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes, shard_count
+        if shard:
+            shard_count += 1
+            name = f"model-{shard_count:05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            weight_map.update({tensor: name for tensor in shard})
+            log(f"  wrote {name} ({shard_bytes / 2**30:.2f} GiB)")
+            shard, shard_bytes = {}, 0
+
+    for name, shape in shapes.items():
+        if "norm" in name:
+            tensor = torch.ones(shape, dtype=torch.float16)
+        else:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            tensor = (torch.randn(shape, generator=generator, dtype=torch.float32) * INIT_STD).to(torch.float16)
+        shard[name] = tensor
+        shard_bytes += tensor.numel() * tensor.element_size()
+        if shard_bytes >= SHARD_BYTES:
+            flush()
+    flush()
+    total = sum(int(torch.Size(s).numel()) * 2 for s in shapes.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    hf_config.dtype = torch.float16
+    hf_config.save_pretrained(folder)
+
+
+def prompt_ids(model: ResolvedModel, tokenizer: Any, batch_size: int, prompt_tokens: int, seed: int) -> list[list[int]]:
+    """`batch_size` prompts of exactly `prompt_tokens` ids: held-out text, or seeded ids without a tokenizer.
+
+    Row i of a larger batch equals row i of a smaller one, so batch sizes differ only in how many rows run.
+    """
+    if tokenizer is None:
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        low = min(3, model.vocab_size - 1)
+        ids = torch.randint(low, model.vocab_size, (batch_size, prompt_tokens), generator=generator)
+        return ids.tolist()
+    stream = heldout_ids(tokenizer)
+    needed = batch_size * prompt_tokens
+    if len(stream) < needed:
+        stream = (stream * (needed // len(stream) + 1))
+    return [stream[i * prompt_tokens:(i + 1) * prompt_tokens] for i in range(batch_size)]
+
+
+def eval_ids(model: ResolvedModel, tokenizer: Any, accuracy: AccuracyConfig, seed: int) -> list[int]:
+    """The evaluation token ids for perplexity: the first `max_eval_tokens` held-out ids, or seeded ids."""
+    if tokenizer is None:
+        import torch
+
+        generator = torch.Generator().manual_seed(seed + 1)
+        low = min(3, model.vocab_size - 1)
+        return torch.randint(low, model.vocab_size, (accuracy.max_eval_tokens,), generator=generator).tolist()
+    return heldout_ids(tokenizer)[: accuracy.max_eval_tokens]
+
+
+def heldout_ids(tokenizer: Any) -> list[int]:
+    """The held-out corpus text as one id stream (BOS first), tokenized once per tokenizer."""
+    from harness.corpus import split
+
+    return list(tokenizer(split().heldout, add_special_tokens=True)["input_ids"])
+
+
+def ids_digest(ids: list[list[int]] | list[int]) -> str:
+    """A short fingerprint of token ids, recorded so two results can be checked to have seen the same input."""
+    return _sha256(json.dumps(ids).encode())[:16]

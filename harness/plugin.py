@@ -1,0 +1,331 @@
+"""The pytest plugin: options, markers, the matrix parametrization, the baseline gate and the summary.
+
+Registered through the `pytest11` entry point, so its options and markers work from any checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import hardware
+from harness.baselines import BaselineError, BaselineStore, Tolerances, compare, regressions
+from harness.config import Cell, Matrix, MatrixError, load_matrix
+from harness.hardware import gpu_info, hardware_key
+from harness.isolation import Outcome, run_isolated
+from harness.methods import BACKENDS, method_class
+from harness.results import CellResult, cell_id
+
+RESULTS_SCHEMA_VERSION = 1
+DEFAULT_MATRIX = Path("benchmarks") / "matrix.toml"
+STANDARD_MARKERS = {
+    "gpu": "cells of the GPU suite (CUDA)",
+    "cpu": "cells of the CPU suite (the embedded default)",
+    "slow": "cells of large models",
+    "eval": "task accuracy through lm-eval (needs real models and data)",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("quantbench", "quantization benchmark matrix")
+    group.addoption("--matrix", default=None, help=f"matrix TOML file (default: {DEFAULT_MATRIX} under rootdir)")
+    group.addoption("--models", default=None, help="comma-separated model names to keep")
+    group.addoption("--methods", default=None, help="comma-separated method names to keep")
+    group.addoption("--batch-sizes", default=None, help="comma-separated batch sizes to keep")
+    group.addoption("--baselines-dir", default=None, help="baseline store (default: baselines/ under rootdir)")
+    group.addoption("--results-dir", default=None, help="where run results go (default: results/ under rootdir)")
+    group.addoption("--update-baselines", action="store_true",
+                    help="write this run's figures as the baselines of this hardware (other keys untouched)")
+    group.addoption("--strict-baselines", action="store_true", help="fail cells that have no baseline")
+    group.addoption("--tolerance", action="append", default=[], metavar="[METHOD:]METRIC=FRACTION",
+                    help="override a tolerance, e.g. decode_tokens_per_s=0.1 or bnb-int8:ppl=0.02")
+    group.addoption("--hardware-key", default=None, help="override the detected hardware key")
+    group.addoption("--inject-decode-delay-ms", type=float, default=0.0,
+                    help="TESTING THE GATE ONLY: sleep this long per generated token inside the timed region")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, help_text in STANDARD_MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {help_text}")
+    for backend in BACKENDS:
+        config.addinivalue_line("markers", f"{backend}: cells of the {backend} backend")
+    session = QuantBench(config)
+    config.stash[SESSION_KEY] = session
+    config.pluginmanager.register(session, "quantbench-session")
+    for suite in session.suite_names():
+        if suite not in STANDARD_MARKERS:
+            config.addinivalue_line("markers", f"{suite}: cells of the matrix suite {suite!r}")
+
+
+SESSION_KEY = pytest.StashKey["QuantBench"]()
+
+
+@dataclass(frozen=True)
+class CellRef:
+    """A test's cell: a (suite, method, model) unit and the batch size (None: per-model figures)."""
+
+    cell: Cell
+    batch_size: int | None
+
+    @property
+    def id(self) -> str:
+        return cell_id(self.cell.method.name, self.cell.model.name, self.batch_size)
+
+
+def _csv(value: str | None, cast: type = str) -> list[Any] | None:
+    if not value:
+        return None
+    try:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise pytest.UsageError(f"expected a comma-separated list of {cast.__name__}, got {value!r}") from None
+
+
+class QuantBench:
+    """One pytest session's view of the matrix, its workers' outcomes and the gate's verdicts."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        root = Path(str(config.rootpath))
+        option = config.getoption
+        self.matrix_path = Path(option("--matrix")) if option("--matrix") else root / DEFAULT_MATRIX
+        self.store = BaselineStore(Path(option("--baselines-dir") or root / "baselines"))
+        self.results_dir = Path(option("--results-dir") or root / "results")
+        self.update = option("--update-baselines")
+        self.strict = option("--strict-baselines")
+        self.delay_ms = option("--inject-decode-delay-ms")
+        if self.update and self.delay_ms:
+            raise pytest.UsageError("--inject-decode-delay-ms makes cells slower on purpose; "
+                                    "it cannot be combined with --update-baselines")
+        self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        self.outcomes: dict[str, Outcome] = {}
+        self.records: list[dict[str, Any]] = []
+        self._matrix: Matrix | None = None
+        self._matrix_error: str | None = None
+        self._keys: dict[str, str] = {}
+
+    # ---- the matrix ------------------------------------------------------------------------------------
+    def suite_names(self) -> list[str]:
+        try:
+            return list(self.matrix().suites)
+        except pytest.UsageError:
+            return []
+
+    def matrix(self) -> Matrix:
+        if self._matrix is None and self._matrix_error is None:
+            try:
+                self._matrix = load_matrix(self.matrix_path)
+            except MatrixError as exc:
+                self._matrix_error = str(exc)
+        if self._matrix_error:
+            raise pytest.UsageError(self._matrix_error)
+        assert self._matrix is not None
+        return self._matrix
+
+    def cells(self) -> list[Cell]:
+        option = self.config.getoption
+        try:
+            return self.matrix().cells(_csv(option("--models")), _csv(option("--methods")),
+                                       _csv(option("--batch-sizes"), int))
+        except MatrixError as exc:
+            raise pytest.UsageError(str(exc)) from None
+
+    def tolerances(self, cell: Cell) -> Tolerances:
+        try:
+            return Tolerances.from_mapping(cell.suite.tolerances, f"{self.matrix_path} tolerances").with_cli(
+                self.config.getoption("--tolerance"))
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+
+    def hardware_key(self, device: str) -> str:
+        if device not in self._keys:
+            self._keys[device] = self.config.getoption("--hardware-key") or hardware_key(device)
+        return self._keys[device]
+
+    # ---- running cells ---------------------------------------------------------------------------------
+    def outcome(self, cell: Cell) -> Outcome:
+        """Run the cell's worker once (all its batch sizes) and keep the outcome for the other tests."""
+        if cell.key in self.outcomes:
+            return self.outcomes[cell.key]
+        if cell.suite.device == "cuda" and gpu_info() is None:
+            outcome = Outcome("skipped", "no CUDA GPU on this machine (NVML sees none)")
+        else:
+            job = {
+                "suite": cell.suite.name,
+                "device": cell.suite.device,
+                "method_class": BACKENDS[cell.method.backend],
+                "method": cell.method.to_dict(),
+                "model": {f: getattr(cell.model, f) for f in cell.model.__dataclass_fields__},
+                "batch_sizes": list(cell.batch_sizes),
+                "run": cell.suite.run.__dict__,
+                "accuracy": cell.suite.accuracy.__dict__,
+                "inject_decode_delay_ms": self.delay_ms,
+            }
+            outcome = run_isolated(job, cell.suite.run.cell_timeout_s)
+            self._write_results(cell, outcome)
+            if self.update and outcome.results:
+                try:
+                    self.store.merge(self.hardware_key(cell.suite.device), outcome.results)
+                except (BaselineError, ValueError) as exc:
+                    # the figures are in the results file; the stored baselines stay as they were
+                    outcome.status, outcome.reason = "error", f"baselines not updated: {exc}"
+                    outcome.results = []
+        self.outcomes[cell.key] = outcome
+        return outcome
+
+    def _write_results(self, cell: Cell, outcome: Outcome) -> None:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        path = self.results_dir / f"{self.run_id}-{worker}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"schema_version": RESULTS_SCHEMA_VERSION, "cell": cell.key, "status": outcome.status,
+                  "reason": outcome.reason, "wall_s": outcome.wall_s,
+                  "results": [r.to_dict() for r in outcome.results]}
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # ---- the gate --------------------------------------------------------------------------------------
+    def check(self, request: pytest.FixtureRequest, ref: CellRef, metrics: list[str]) -> CellResult:
+        """Gate `metrics` of a cell against its baseline; skip or fail the test with the reason."""
+        outcome = self.outcome(ref.cell)
+        if outcome.status == "skipped":
+            pytest.skip(f"{ref.id}: {outcome.reason}")
+        result = outcome.result(ref.batch_size)
+        if result is None:
+            pytest.fail(f"{ref.id}: no result: worker {outcome.status}: {outcome.reason}\n"
+                        f"--- worker log (tail) ---\n{outcome.log_tail}", pytrace=False)
+        if result.error:
+            pytest.fail(f"{ref.id}: {result.error}", pytrace=False)
+        wanted = [m for m in metrics if m in result.figures]
+        if not wanted:
+            pytest.skip(f"{ref.id}: none of {', '.join(metrics)} is measured on this device")
+        measured = replace(result, figures={m: result.figures[m] for m in wanted})
+        record: dict[str, Any] = {"cell": ref.id, "suite": ref.cell.suite.name, "figures": {}, "status": "new"}
+        for name in wanted:
+            fig = measured.figures[name]
+            record["figures"][name] = {"value": fig.value, "spread": fig.spread}
+            request.node.user_properties.append((name, fig.value))
+
+        key = self.hardware_key(ref.cell.suite.device)
+        try:
+            baseline = None if self.update else self.store.get(key, measured)
+        except BaselineError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        failures: list[str] = []
+        if self.update:
+            record["status"] = "updated"
+        elif baseline is None:
+            record["status"] = "missing"
+            message = (f"{ref.id}: no baseline in {self.store.path(key, ref.cell.model.name)}; "
+                       "record one with --update-baselines")
+            if self.strict:
+                failures.append(message)
+        else:
+            verdicts = compare(measured, baseline, self.tolerances(ref.cell))
+            missing = [m for m in wanted if m not in baseline.figures]
+            for v in verdicts:
+                record["figures"][v.metric].update(baseline=v.baseline, change=v.change, tolerance=v.tolerance)
+            failures.extend(v.message for v in regressions(verdicts))
+            record["status"] = "regressed" if failures else "ok"
+            if missing:
+                record["missing_metrics"] = missing
+                if self.strict:
+                    failures.append(f"{ref.id}: baseline has no {', '.join(missing)}; "
+                                    "record them with --update-baselines")
+        request.node.user_properties.append(("quantbench", record))
+        if failures:
+            pytest.fail("\n".join(failures), pytrace=False)
+        return result
+
+
+    # ---- reporting (hooks of this object, registered as a plugin) ---------------------------------------
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # user_properties travel from pytest-xdist workers to the controller, so this sees every cell.
+        if report.when != "call":
+            return
+        for name, value in report.user_properties:
+            if name == "quantbench":
+                self.records.append({**value, "outcome": report.outcome})
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        from harness.report import summary_table
+
+        if not self.records:
+            return
+        terminalreporter.section("quantbench")
+        for line in summary_table(self.records).splitlines():
+            terminalreporter.write_line(line)
+        missing = sorted({r["cell"] for r in self.records if r["status"] == "missing"})
+        if missing:
+            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+            terminalreporter.write_line(f"{len(missing)} cell(s) have no baseline for this hardware "
+                                        f"(record with --update-baselines): {shown}")
+        path = self.results_dir / f"{self.run_id}-summary.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.run_id,
+                                    "matrix": str(self.matrix_path), "records": self.records}, indent=1))
+        terminalreporter.write_line(f"results: {path} (figures with provenance: {self.run_id}-*.jsonl)")
+
+
+@pytest.fixture
+def quantbench(request: pytest.FixtureRequest) -> QuantBench:
+    """The session's QuantBench: `quantbench.check(request, qb_cell, [metrics])` gates a cell."""
+    return request.config.stash[SESSION_KEY]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    wants_batch = "qb_cell" in metafunc.fixturenames
+    wants_model = "qb_model_cell" in metafunc.fixturenames
+    if not (wants_batch or wants_model):
+        return
+    session: QuantBench = metafunc.config.stash[SESSION_KEY]
+    cells = session.cells()
+    seen: dict[str, int] = {}
+    for cell in cells:
+        seen[f"{cell.method.name}|{cell.model.name}"] = seen.get(f"{cell.method.name}|{cell.model.name}", 0) + 1
+    params = []
+    for cell in cells:
+        marks = [getattr(pytest.mark, cell.suite.name), getattr(pytest.mark, method_class(cell.method.backend).MARKER),
+                 pytest.mark.xdist_group(cell.key)]
+        if cell.model.slow:
+            marks.append(pytest.mark.slow)
+        prefix = f"{cell.suite.name}:" if seen[f"{cell.method.name}|{cell.model.name}"] > 1 else ""
+        sizes = cell.batch_sizes if wants_batch else (None,)
+        for batch_size in sizes:
+            ref = CellRef(cell, batch_size)
+            params.append(pytest.param(ref, id=prefix + ref.id, marks=marks))
+    metafunc.parametrize("qb_cell" if wants_batch else "qb_model_cell", params)
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    """Give pytest-benchmark's machine record the GPU-aware facts the baselines are keyed by."""
+    device = "cuda" if gpu_info() is not None else "cpu"
+    machine_info["quantbench"] = hardware.machine_info(device)
+
+
+def record_benchmark(benchmark: Any, result: CellResult) -> None:
+    """Hand the worker's per-repeat decode times to pytest-benchmark, and every figure as extra_info.
+
+    pytest-benchmark times callables in its own process; the suite's timed region runs in an isolated
+    worker, so each timed repeat becomes one pytest-benchmark round (its `compare` and JSON then work).
+    """
+    if benchmark is None or getattr(benchmark, "disabled", True):
+        return
+    timing = result.figures.get("decode_tokens_per_s")
+    if timing is None or not timing.samples:
+        return
+    tokens = (result.batch_size or 1) * (result.config["run"]["new_tokens"] - 1)
+    stats = benchmark._make_stats(1)
+    for tokens_per_s in timing.samples:
+        stats.update(tokens / tokens_per_s)
+    benchmark._mode = "quantbench worker timings"
+    benchmark.extra_info.update({"cell": result.id, "unit": "seconds per decode of new_tokens - 1 tokens"})
+    benchmark.extra_info.update({name: fig.value for name, fig in result.figures.items()})
+    benchmark.extra_info["hardware_key"] = result.hardware.get("hardware_key")
+    benchmark.extra_info["config"] = result.config
+

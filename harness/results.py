@@ -1,0 +1,94 @@
+"""Result dataclasses: one figure with its spread, and one cell's figures with their provenance."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from harness.metrics import METRICS
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One metric's value: the median of its repeats and their spread (sample standard deviation)."""
+
+    value: float
+    spread: float = 0.0
+    n: int = 1
+    samples: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, samples: list[float] | tuple[float, ...]) -> Figure:
+        """Summarise repeated measurements: median value, standard deviation as spread."""
+        if not samples:
+            raise ValueError("a figure needs at least one sample")
+        spread = statistics.stdev(samples) if len(samples) > 1 else 0.0
+        return cls(float(statistics.median(samples)), float(spread), len(samples), tuple(float(s) for s in samples))
+
+    @property
+    def relative_spread(self) -> float:
+        """Spread as a fraction of the value (0 when the value is 0)."""
+        return self.spread / abs(self.value) if self.value else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "spread": self.spread, "n": self.n, "samples": list(self.samples)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Figure:
+        return cls(float(data["value"]), float(data.get("spread", 0.0)), int(data.get("n", 1)),
+                   tuple(float(s) for s in data.get("samples", ())))
+
+
+def cell_id(method: str, model: str, batch_size: int | None = None) -> str:
+    """The readable id of a cell: `method|model|bN`, or `method|model` for per-model figures."""
+    return f"{method}|{model}" if batch_size is None else f"{method}|{model}|b{batch_size}"
+
+
+@dataclass
+class CellResult:
+    """Everything measured for one cell, with the config, environment and hardware that made it."""
+
+    method: str
+    model: str
+    batch_size: int | None
+    figures: dict[str, Figure] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def id(self) -> str:
+        return cell_id(self.method, self.model, self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["figures"] = {name: fig.to_dict() for name, fig in self.figures.items()}
+        data["id"] = self.id
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CellResult:
+        return cls(
+            method=data["method"],
+            model=data["model"],
+            batch_size=data.get("batch_size"),
+            figures={name: Figure.from_dict(fig) for name, fig in data.get("figures", {}).items()},
+            config=data.get("config", {}),
+            environment=data.get("environment", {}),
+            hardware=data.get("hardware", {}),
+            details=data.get("details", {}),
+            error=data.get("error"),
+        )
+
+    def to_markdown(self) -> str:
+        """One table row per figure, with unit and spread."""
+        lines = [f"**{self.id}**", "", "| metric | value | spread | unit |", "|---|---:|---:|---|"]
+        for name, fig in sorted(self.figures.items()):
+            unit = METRICS[name].unit if name in METRICS else ""
+            lines.append(f"| {name} | {fig.value:.4g} | {fig.spread:.2g} | {unit} |")
+        if self.error:
+            lines.append(f"\nerror: {self.error}")
+        return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""The worker process: load one (method, model) once, measure every batch size, write results as it goes.
+
+Run as `python -m harness.worker JOB.json OUT.json`. The parent (harness.isolation) reads OUT.json even
+when this process crashes, runs out of memory or is killed, so finished batch sizes are never lost.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from harness.cache import atomic_write_text
+from harness.config import AccuracyConfig, ModelSpec, RunConfig
+from harness.hardware import environment, machine_info
+from harness.measure.accuracy import perplexity
+from harness.measure.memory import track_memory
+from harness.measure.throughput import measure_generation, timed
+from harness.methods import MethodUnavailable, method_class
+from harness.models import eval_ids, ids_digest, prompt_ids, resolve
+from harness.results import CellResult, Figure
+
+
+def log(message: str) -> None:
+    print(f"[worker] {message}", file=sys.stderr, flush=True)
+
+
+class _Output:
+    """The OUT.json file, rewritten atomically after every step."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"status": "running", "results": []}
+        self.flush()
+
+    def flush(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+
+    def add(self, result: CellResult) -> None:
+        self.data["results"].append(result.to_dict())
+        self.flush()
+
+    def finish(self, status: str, reason: str | None = None) -> None:
+        self.data["status"] = status
+        self.data["reason"] = reason
+        self.flush()
+
+
+def _delay_processor(delay_ms: float) -> Any:
+    """A logits processor that sleeps per generated token: the test-only way to make a cell slower."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Delay(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            time.sleep(delay_ms / 1000)
+            return scores
+
+    return LogitsProcessorList([Delay()])
+
+
+def run_job(job: dict[str, Any], out: _Output) -> None:
+    """Measure the job's (method, model) at each of its batch sizes; see the module docstring."""
+    import torch
+
+    seed = job["run"]["seed"]
+    random.seed(seed)
+    torch.manual_seed(seed)
+    device = job["device"]
+    run = RunConfig(**job["run"])
+    accuracy = AccuracyConfig(**job["accuracy"])
+    spec = ModelSpec(**job["model"])
+    method_spec = job["method"]
+    method = method_class(job["method_class"])(method_spec["params"], device)
+    try:
+        method.check_available()
+    except MethodUnavailable as exc:
+        out.finish("skipped", str(exc))
+        return
+
+    resolved = resolve(spec, log=log)
+    tokenizer = None
+    if resolved.has_tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolved.pretrained)
+
+    with track_memory(device) as load_memory, timed(device) as load_time:
+        model = method.load(resolved.pretrained)
+    method.verify(model)
+    log(f"loaded {spec.name} with {method_spec['name']} in {load_time[0]:.1f} s")
+
+    base = {
+        "method": method_spec["name"],
+        "model": spec.name,
+        "config": {
+            "suite": job["suite"],
+            "method": method_spec,
+            "model": job["model"],
+            "run": job["run"],
+            "accuracy": job["accuracy"],
+            "inject_decode_delay_ms": job.get("inject_decode_delay_ms", 0),
+        },
+        "environment": environment(),
+        "hardware": machine_info(device),
+    }
+    model_details = {"model": resolved.provenance, "synthetic": resolved.synthetic,
+                     "load_peak_rss_mib": load_memory["peak_rss_mib"].value}
+    model_cell = CellResult(batch_size=None, figures={"load_s": Figure(load_time[0])}, details=model_details,
+                            **base)
+    if job.get("measure_accuracy", True):
+        ids = eval_ids(resolved, tokenizer, accuracy, seed)
+        result = perplexity(model, ids, accuracy, device)
+        model_cell.figures["ppl"] = Figure(result.ppl)
+        model_details["ppl"] = {"stderr": result.stderr, "nll_mean": result.nll_mean,
+                                "protocol": result.protocol, "eval_ids_digest": ids_digest(ids),
+                                "label": "synthetic weights: says nothing about a real model"
+                                if resolved.synthetic else "held-out corpus text"}
+        log(f"ppl {result.ppl:.3f} +- {result.stderr:.3f} over {result.scored_tokens} tokens")
+    model_details["method"] = method.describe(model)
+    out.add(model_cell)
+
+    all_ids = prompt_ids(resolved, tokenizer, max(job["batch_sizes"]), run.prompt_tokens, seed)
+    pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None
+              else getattr(model.generation_config, "eos_token_id", None) or 0)
+    if isinstance(pad_id, list):
+        pad_id = pad_id[0]
+    extra = method.generate_kwargs()
+    delay_ms = float(job.get("inject_decode_delay_ms", 0))
+    if delay_ms:
+        extra["logits_processor"] = _delay_processor(delay_ms)
+
+    for batch_size in job["batch_sizes"]:
+        rows = all_ids[:batch_size]
+        input_ids = torch.tensor(rows, dtype=torch.long, device=model.device)
+        attention_mask = torch.ones_like(input_ids)
+
+        def generate(n: int, streamer: Any, input_ids: Any = input_ids, attention_mask: Any = attention_mask) -> Any:
+            with torch.inference_mode():
+                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=n,
+                                        min_new_tokens=n, do_sample=False, pad_token_id=pad_id, streamer=streamer,
+                                        **extra)
+            if output.shape[1] != input_ids.shape[1] + n:
+                raise RuntimeError(f"generate() returned {output.shape[1] - input_ids.shape[1]} new tokens, "
+                                   f"asked for {n}")
+            return output
+
+        cell = CellResult(batch_size=batch_size, details={"prompt_ids_digest": ids_digest(rows),
+                                                          "synthetic": resolved.synthetic}, **base)
+        try:
+            with track_memory(device) as memory:
+                timing = measure_generation(generate, device, batch_size, run.prompt_tokens, run.new_tokens,
+                                            run.warmup, run.repeats)
+            method.verify(model)
+        except torch.OutOfMemoryError as exc:
+            cell.error = f"out of memory at batch size {batch_size}: {str(exc).splitlines()[0]}"
+            log(cell.error)
+            del exc
+            torch.cuda.empty_cache()
+            out.add(cell)
+            continue
+        cell.figures.update(timing.figures())
+        cell.figures.update({k: v for k, v in memory.items() if isinstance(v, Figure)})
+        cell.details["nvml_scope"] = memory.get("nvml_scope")
+        cell.details["method"] = method.describe(model)
+        figs = cell.figures
+        log(f"b{batch_size}: decode {figs['decode_tokens_per_s'].value:.1f} tok/s "
+            f"(+-{100 * figs['decode_tokens_per_s'].relative_spread:.1f}%), "
+            f"prefill {figs['prefill_tokens_per_s'].value:.0f} tok/s")
+        out.add(cell)
+    out.finish("ok")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m harness.worker JOB.json OUT.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text())
+    out = _Output(Path(argv[1]))
+    try:
+        run_job(job, out)
+    except Exception as exc:
+        out.finish("error", f"{type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

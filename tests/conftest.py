@@ -1,0 +1,36 @@
+"""Fixtures shared by the harness's own tests."""
+
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).parent
+
+
+@pytest.fixture
+def tiny_job():
+    """A worker job for the two-layer synthetic test architecture on the CPU: seconds, not minutes."""
+
+    def make(method_class="harness.methods.dense:DenseMethod", batch_sizes=(1,), **run):
+        return {
+            "suite": "cpu",
+            "device": "cpu",
+            "method_class": method_class,
+            "method": {"name": "fp32", "backend": "torch", "params": {"dtype": "float32"}},
+            "model": {"name": "tiny", "source": "synthetic", "arch": "tiny-test", "seed": 0, "path": None,
+                      "hub_id": None, "revision": None, "slow": False},
+            "batch_sizes": list(batch_sizes),
+            "run": {"prompt_tokens": 8, "new_tokens": 4, "warmup": 1, "repeats": 2, "cell_timeout_s": 120,
+                    "seed": 0, **run},
+            "accuracy": {"context_tokens": 32, "stride": 32, "max_eval_tokens": 96},
+            "inject_decode_delay_ms": 0,
+        }
+
+    return make
+
+
+@pytest.fixture
+def worker_env(tmp_path_factory):
+    """Environment for workers: the misbehaving test methods importable, a private cache."""
+    cache = tmp_path_factory.getbasetemp() / "qb-cache"
+    return {"PYTHONPATH": str(TESTS_DIR), "QUANTBENCH_CACHE": str(cache)}

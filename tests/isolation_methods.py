@@ -1,0 +1,45 @@
+"""Methods that misbehave on purpose, for the isolation tests (imported by worker processes)."""
+
+import os
+import signal
+import time
+
+from harness.methods.dense import DenseMethod
+
+
+class CrashMethod(DenseMethod):
+    """Dies of a segmentation fault while loading, as a broken native kernel would."""
+
+    def load(self, pretrained):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+class HangMethod(DenseMethod):
+    """Never finishes loading."""
+
+    def load(self, pretrained):
+        time.sleep(3600)
+
+
+class OomAtBatch2Method(DenseMethod):
+    """Runs out of device memory at batch size 2 and above, like a too-large KV cache."""
+
+    def generate_kwargs(self):
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        class Oom(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                if input_ids.shape[0] >= 2:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+                return scores
+
+        return {"logits_processor": LogitsProcessorList([Oom()])}
+
+
+class UnavailableMethod(DenseMethod):
+    """Needs a library no machine has."""
+
+    @classmethod
+    def requires(cls):
+        return ("a_library_that_is_not_installed",)

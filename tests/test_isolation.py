@@ -1,0 +1,43 @@
+"""Each (method, model) runs in its own process: crashes, hangs and OOM become results, not lost runs."""
+
+from harness.isolation import run_isolated
+
+
+def test_a_healthy_cell_returns_per_model_and_per_batch_results(tiny_job, worker_env):
+    outcome = run_isolated(tiny_job(batch_sizes=(1, 2)), timeout_s=120, env=worker_env)
+    assert outcome.status == "ok", outcome.log_tail
+    assert outcome.result(None).figures["ppl"].value > 1
+    for batch_size in (1, 2):
+        figures = outcome.result(batch_size).figures
+        assert figures["decode_tokens_per_s"].value > 0
+        assert figures["decode_tokens_per_s"].n == 2
+        assert figures["peak_rss_mib"].value > 0
+
+
+def test_a_crashing_cell_fails_with_the_signal(tiny_job, worker_env):
+    outcome = run_isolated(tiny_job("isolation_methods:CrashMethod"), timeout_s=120, env=worker_env)
+    assert outcome.status == "crashed"
+    assert "SIGSEGV" in outcome.reason
+    assert outcome.results == []
+
+
+def test_a_hanging_cell_is_killed_at_its_timeout(tiny_job, worker_env):
+    outcome = run_isolated(tiny_job("isolation_methods:HangMethod"), timeout_s=15, env=worker_env)
+    assert outcome.status == "timeout"
+    assert "15 s" in outcome.reason
+    assert outcome.wall_s < 60
+
+
+def test_out_of_memory_fails_only_the_batch_sizes_that_ran_out(tiny_job, worker_env):
+    outcome = run_isolated(tiny_job("isolation_methods:OomAtBatch2Method", batch_sizes=(1, 2)), timeout_s=120,
+                           env=worker_env)
+    assert outcome.status == "ok", outcome.log_tail
+    assert outcome.result(1).error is None
+    assert outcome.result(1).figures["decode_tokens_per_s"].value > 0
+    assert "out of memory at batch size 2" in outcome.result(2).error
+
+
+def test_an_unavailable_method_is_skipped_with_the_reason(tiny_job, worker_env):
+    outcome = run_isolated(tiny_job("isolation_methods:UnavailableMethod"), timeout_s=120, env=worker_env)
+    assert outcome.status == "skipped"
+    assert "a_library_that_is_not_installed is not installed" in outcome.reason
