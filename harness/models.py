@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,12 +146,17 @@ def _write_synthetic(config: dict[str, Any], seed: int, folder: Path, log: Calla
             log(f"  wrote {name} ({shard_bytes / 2**30:.2f} GiB)")
             shard, shard_bytes = {}, 0
 
-    for name, shape in shapes.items():
+    def draw(name: str) -> torch.Tensor:
+        shape = shapes[name]
         if "norm" in name:
-            tensor = torch.ones(shape, dtype=torch.float16)
-        else:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            tensor = (torch.randn(shape, generator=generator, dtype=torch.float32) * INIT_STD).to(torch.float16)
+            return torch.ones(shape, dtype=torch.float16)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return (torch.randn(shape, generator=generator, dtype=torch.float32) * INIT_STD).to(torch.float16)
+
+    # one generator per tensor makes the draws independent, so threads (torch frees the GIL) keep them exact
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        tensors = pool.map(draw, shapes)
+    for name, tensor in zip(shapes, tensors, strict=True):
         shard[name] = tensor
         shard_bytes += tensor.numel() * tensor.element_size()
         if shard_bytes >= SHARD_BYTES:

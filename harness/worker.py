@@ -90,7 +90,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
 
     with track_memory(device) as load_memory, timed(device) as load_time:
         model = method.load(resolved.pretrained)
-    method.verify(model)
+    method.verify(model, generated=False)
     log(f"loaded {spec.name} with {method_spec['name']} in {load_time[0]:.1f} s")
 
     base = {
@@ -154,7 +154,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
             with track_memory(device) as memory:
                 timing = measure_generation(generate, device, batch_size, run.prompt_tokens, run.new_tokens,
                                             run.warmup, run.repeats)
-            method.verify(model)
+            method.verify(model, generated=True)
         except torch.OutOfMemoryError as exc:
             cell.error = f"out of memory at batch size {batch_size}: {str(exc).splitlines()[0]}"
             log(cell.error)

@@ -83,8 +83,12 @@ class Method(ABC):
         """The resolved settings that decide this method's figures, recorded with every result."""
         return {"backend": self.NAME, "params": dict(self.params)}
 
-    def verify(self, model: Any) -> None:  # noqa: B027 - most methods have nothing to verify
-        """Raise when the loaded model is not what the parameters asked for (a silent fallback)."""
+    def verify(self, model: Any, generated: bool) -> None:  # noqa: B027 - most methods have nothing to verify
+        """Raise when the model is not what the parameters asked for (a silent fallback).
+
+        Called after loading (`generated` False) and after each batch size's timed runs (True), since some
+        choices (compilation, kernels) only show once the model has run.
+        """
 
 
 def torch_dtype(name: str) -> Any:

@@ -47,7 +47,7 @@ class BitsAndBytesMethod(Method):
         )
         return model.eval()
 
-    def verify(self, model: Any) -> None:
+    def verify(self, model: Any, generated: bool) -> None:
         import bitsandbytes as bnb
 
         wanted = bnb.nn.Linear8bitLt if self.params["quant"] == "int8" else bnb.nn.Linear4bit

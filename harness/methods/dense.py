@@ -47,8 +47,8 @@ class DenseMethod(Method):
         compile_config._compile_all_devices = self.device == "cpu"
         return {"cache_implementation": "static", "compile_config": compile_config}
 
-    def verify(self, model: Any) -> None:
-        if self.params["mode"] == "compiled" and not hasattr(model, "_compiled_call"):
+    def verify(self, model: Any, generated: bool) -> None:
+        if generated and self.params["mode"] == "compiled" and not hasattr(model, "_compiled_call"):
             raise RuntimeError("mode 'compiled' was asked for, but generate() ran the model uncompiled")
 
     def describe(self, model: Any) -> dict[str, Any]:
