@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("key_a")
     cmp.add_argument("key_b")
     cmp.add_argument("--metrics", default=None, help="comma-separated metrics to show (default: all)")
+    imp = sub.add_parser("import-results", help="merge the figures of a run's results file (*.jsonl) into the "
+                         "baselines of the hardware that produced them")
+    imp.add_argument("results", nargs="+", type=Path)
     sub.add_parser("keys", help="list the hardware keys with baselines, and this machine's keys")
     sub.add_parser("build-embedded", help="build (or find cached) the embedded model and print its folder")
     syn = sub.add_parser("build-synthetic", help="build (or find cached) synthetic weights for an architecture")
@@ -33,6 +36,16 @@ def main(argv: list[str] | None = None) -> int:
             print(compare_hardware(store, args.key_a, args.key_b, metrics))
         except KeyError as exc:
             print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 2
+    elif args.command == "import-results":
+        from harness.baselines import BaselineError
+        from harness.results import import_results
+
+        try:
+            for path, written in import_results(store, args.results).items():
+                print(f"{path}: {len(written)} baseline file(s) updated: {', '.join(map(str, written))}")
+        except (BaselineError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
     elif args.command == "keys":
         from harness.hardware import gpu_info, hardware_key

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-
 from pydoc_data.topics import topics
 
 HELDOUT_EVERY = 10

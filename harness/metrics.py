@@ -34,7 +34,8 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("peak_nvml_mib", "MiB", False, 0.05,
                    "the process's device memory as the driver (NVML) sees it, peak while the batch ran"),
         MetricSpec("peak_rss_mib", "MiB", False, 0.10, "peak resident set size of the worker process"),
-        MetricSpec("load_s", "s", False, 0.50, "wall time to load (and quantize) the model onto the device"),
+        # load time swings with the OS page cache (cold disk vs cached weights): only gross changes fail
+        MetricSpec("load_s", "s", False, 3.0, "wall time to load (and quantize) the model onto the device"),
         MetricSpec("ppl", "", False, 0.01, "token-level perplexity on the held-out evaluation tokens"),
     )
 }

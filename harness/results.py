@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.metrics import METRICS
+
+if TYPE_CHECKING:
+    from harness.baselines import BaselineStore
 
 
 @dataclass(frozen=True)
@@ -92,3 +97,39 @@ class CellResult:
         if self.error:
             lines.append(f"\nerror: {self.error}")
         return "\n".join(lines)
+
+
+def read_results(path: Path) -> list[CellResult]:
+    """The cell results of a run's results file (one JSON record per worker and line)."""
+    results = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            results.extend(CellResult.from_dict(r) for r in record["results"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: not a quantbench results record ({exc})") from None
+    return results
+
+
+def import_results(store: BaselineStore, paths: list[Path]) -> dict[Path, list[Path]]:
+    """Merge results files into `store` under the hardware key each result was measured on.
+
+    Results made slower on purpose (--inject-decode-delay-ms) are refused; cells with errors are skipped.
+    """
+    written: dict[Path, list[Path]] = {}
+    for path in paths:
+        results = read_results(path)
+        for result in results:
+            if result.config.get("inject_decode_delay_ms"):
+                raise ValueError(f"{path}: {result.id} was slowed on purpose (inject_decode_delay_ms); "
+                                 "it cannot become a baseline")
+        by_key: dict[str, list[CellResult]] = {}
+        for result in results:
+            key = result.hardware.get("hardware_key")
+            if not key:
+                raise ValueError(f"{path}: {result.id} has no hardware.hardware_key")
+            by_key.setdefault(key, []).append(result)
+        written[path] = [p for key, group in by_key.items() for p in store.merge(key, group)]
+    return written
