@@ -11,9 +11,8 @@ import hashlib
 import json
 import os
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
