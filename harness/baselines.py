@@ -468,7 +468,8 @@ class RelativeNoiseAwareRule:
     """Regressed when worse by more than the tolerance and by more than `noise_sigmas` combined spreads.
 
     The noise is the standard deviation of the difference of two independent figures,
-    sqrt(spread_baseline^2 + spread_measured^2), times `noise_sigmas`.
+    sqrt(spread_baseline^2 + spread_measured^2), times `noise_sigmas`, and never less than the metric's
+    absolute floor (the resolution of a single measurement, such as a load time).
     """
 
     noise_sigmas: float = 2.0
@@ -478,8 +479,10 @@ class RelativeNoiseAwareRule:
     ) -> Verdict:
         """Compare `measured` with `baseline` under a relative `tolerance` and the measured noise."""
         difference = measured.value - baseline.value
-        worse_by = -difference if metric_spec(metric).higher_is_better else difference
-        noise = self.noise_sigmas * math.hypot(baseline.spread, measured.spread)
+        spec = metric_spec(metric)
+        # a metric's floor is the smallest change its measurement resolves: below it, a change is noise
+        noise = max(self.noise_sigmas * math.hypot(baseline.spread, measured.spread), spec.floor)
+        worse_by = -difference if spec.higher_is_better else difference
         scale = abs(baseline.value)
         if scale:
             change, relative_noise = worse_by / scale, noise / scale

@@ -19,6 +19,7 @@ class MetricSpec:
     higher_is_better: bool
     tolerance: float
     help: str
+    floor: float = 0.0  # changes smaller than this (in the metric's unit) are below what one measurement resolves
 
 
 METRICS: dict[str, MetricSpec] = {
@@ -33,9 +34,10 @@ METRICS: dict[str, MetricSpec] = {
                    "torch max allocated on the device while the batch ran (weights, KV cache, activations)"),
         MetricSpec("peak_nvml_mib", "MiB", False, 0.05,
                    "the process's device memory as the driver (NVML) sees it, peak while the batch ran"),
-        MetricSpec("peak_rss_mib", "MiB", False, 0.10, "peak resident set size of the worker process"),
+        MetricSpec("peak_rss_mib", "MiB", False, 0.10, "peak resident set size of the worker process", floor=32.0),
         # load time swings with the OS page cache (cold disk vs cached weights): only gross changes fail
-        MetricSpec("load_s", "s", False, 3.0, "wall time to load (and quantize) the model onto the device"),
+        MetricSpec("load_s", "s", False, 3.0, "wall time to load (and quantize) the model onto the device",
+                   floor=2.0),
         MetricSpec("ppl", "", False, 0.01, "token-level perplexity on the held-out evaluation tokens"),
     )
 }

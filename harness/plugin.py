@@ -215,7 +215,11 @@ class QuantBench:
         try:
             baseline = None if self.update else self.store.get(key, measured)
         except BaselineError as exc:
-            pytest.fail(str(exc), pytrace=False)
+            error = str(exc)
+        else:
+            error = None
+        if error:
+            pytest.fail(error, pytrace=False)
         failures: list[str] = []
         if self.update:
             record["status"] = "updated"
@@ -243,7 +247,14 @@ class QuantBench:
         return result
 
 
-    # ---- reporting (hooks of this object, registered as a plugin) ---------------------------------------
+    # ---- hooks of this object, registered as a plugin ---------------------------------------------------
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        # A matrix or filter named on the command line is checked before anything runs.
+        option = self.config.getoption
+        if any(option(name) for name in ("--matrix", "--models", "--methods", "--batch-sizes", "--tolerance")):
+            for cell in self.cells():
+                self.tolerances(cell)
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # user_properties travel from pytest-xdist workers to the controller, so this sees every cell.
         if report.when != "call":
@@ -284,7 +295,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if not (wants_batch or wants_model):
         return
     session: QuantBench = metafunc.config.stash[SESSION_KEY]
-    cells = session.cells()
+    try:
+        cells = session.cells()
+    except pytest.UsageError as exc:
+        pytest.fail(str(exc), pytrace=False)
     seen: dict[str, int] = {}
     for cell in cells:
         seen[f"{cell.method.name}|{cell.model.name}"] = seen.get(f"{cell.method.name}|{cell.model.name}", 0) + 1
@@ -314,10 +328,9 @@ def record_benchmark(benchmark: Any, result: CellResult) -> None:
     pytest-benchmark times callables in its own process; the suite's timed region runs in an isolated
     worker, so each timed repeat becomes one pytest-benchmark round (its `compare` and JSON then work).
     """
-    if benchmark is None or getattr(benchmark, "disabled", True):
-        return
     timing = result.figures.get("decode_tokens_per_s")
-    if timing is None or not timing.samples:
+    if benchmark.disabled or timing is None or not timing.samples:
+        benchmark._mode = "quantbench worker timings"  # handed over (or nothing to hand): not "unused"
         return
     tokens = (result.batch_size or 1) * (result.config["run"]["new_tokens"] - 1)
     stats = benchmark._make_stats(1)

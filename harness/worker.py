@@ -62,6 +62,14 @@ def _delay_processor(delay_ms: float) -> Any:
     return LogitsProcessorList([Delay()])
 
 
+def _import_model_code(pretrained: str) -> None:
+    """Import the architecture's modeling code, so load time measures weights, not Python imports."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(pretrained))]
+
+
 def run_job(job: dict[str, Any], out: _Output) -> None:
     """Measure the job's (method, model) at each of its batch sizes; see the module docstring."""
     import torch
@@ -88,6 +96,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(resolved.pretrained)
 
+    _import_model_code(resolved.pretrained)
     with track_memory(device) as load_memory, timed(device) as load_time:
         model = method.load(resolved.pretrained)
     method.verify(model, generated=False)

@@ -34,3 +34,6 @@ def worker_env(tmp_path_factory):
     """Environment for workers: the misbehaving test methods importable, a private cache."""
     cache = tmp_path_factory.getbasetemp() / "qb-cache"
     return {"PYTHONPATH": str(TESTS_DIR), "QUANTBENCH_CACHE": str(cache)}
+
+
+pytest_plugins = ["pytester"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from harness.baselines import (
@@ -77,10 +77,20 @@ def test_a_worsening_within_tolerance_never_regresses(metric: str, value: float,
 def test_a_worsening_beyond_tolerance_without_noise_regresses(metric: str, value: float, tolerance: float,
                                                               margin: float, noise_sigmas: float) -> None:
     measured = worsened(metric, value, tolerance + margin)
+    assume(abs(measured - value) > METRICS[metric].floor)
     verdict = check(metric, Figure(value), Figure(measured), tolerance, noise_sigmas)
     assert verdict.regressed
     assert verdict.change > tolerance
-    assert verdict.noise == 0
+    assert verdict.noise == pytest.approx(METRICS[metric].floor / value)
+
+
+@pytest.mark.parametrize("metric", [name for name, spec in sorted(METRICS.items()) if spec.floor])
+@given(value=values, share=st.floats(min_value=0.0, max_value=1.0))
+def test_a_change_below_the_metric_floor_never_regresses(metric: str, value: float, share: float) -> None:
+    floor = METRICS[metric].floor
+    measured = value + (-share if METRICS[metric].higher_is_better else share) * floor
+    verdict = check(metric, Figure(value), Figure(measured), 0.0, 2.0)
+    assert not verdict.regressed
 
 
 @pytest.mark.parametrize("metric", sorted(METRICS))

@@ -1,0 +1,128 @@
+"""The pytest plugin end to end: parametrized ids, baselines written, the gate passing and failing."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+MATRIX = """
+[run]
+prompt_tokens = 8
+new_tokens = 6
+warmup = 1
+repeats = 3
+cell_timeout_s = 120
+[accuracy]
+context_tokens = 32
+stride = 32
+max_eval_tokens = 96
+[models.tiny]
+source = "synthetic"
+arch = "tiny-test"
+[methods.fp32]
+backend = "torch"
+dtype = "float32"
+[suites.cpu]
+models = ["tiny"]
+methods = ["fp32"]
+batch_sizes = [1]
+[suites.cpu.tolerances]
+decode_tokens_per_s = 0.5
+prefill_tokens_per_s = 0.9
+ttft_ms = 9.0
+"""
+
+
+@pytest.fixture
+def suite(pytester, worker_env, monkeypatch):
+    """A pytester project with the real benchmark file, a tiny matrix and its own baseline store."""
+    for name, value in worker_env.items():
+        monkeypatch.setenv(name, value)
+    shutil.copy(ROOT / "benchmarks" / "test_matrix.py", pytester.path / "test_matrix.py")
+    (pytester.path / "matrix.toml").write_text(MATRIX)
+
+    def run(*args):
+        return pytester.runpytest_subprocess(
+            "--matrix", "matrix.toml", "--baselines-dir", "baselines", "--results-dir", "results",
+            "-p", "no:cacheprovider", "--benchmark-disable", *args)
+
+    return run
+
+
+def baseline_files(path):
+    return sorted(path.glob("baselines/*/*.json"))
+
+
+def test_cells_are_parametrized_with_readable_ids_and_markers(suite):
+    result = suite("--collect-only", "-q", "-m", "cpu and torch")
+    result.stdout.fnmatch_lines(["test_matrix.py::test_decode[[]fp32|tiny|b1[]]",
+                                 "test_matrix.py::test_perplexity[[]fp32|tiny[]]"])
+    assert "5 tests collected" in result.stdout.str()
+    assert "no tests collected" in suite("--collect-only", "-q", "-m", "gpu").stdout.str()
+
+
+def test_record_then_gate_then_catch_a_slowdown(suite, pytester):
+    recorded = suite("--update-baselines")
+    recorded.assert_outcomes(passed=5)
+    files = baseline_files(pytester.path)
+    assert len(files) == 1 and files[0].name == "tiny.json"
+    stored = json.loads(files[0].read_text())
+    cell = stored["cells"]["fp32|tiny|b1"]
+    assert cell["figures"]["decode_tokens_per_s"]["n"] == 3
+    assert cell["config"]["run"]["new_tokens"] == 6
+    assert cell["environment"]["packages"]["torch"]
+    assert cell["hardware"]["hardware_key"] == files[0].parent.name
+
+    gated = suite()
+    gated.assert_outcomes(passed=5)
+    assert "ok" in gated.stdout.str()
+
+    before = files[0].read_bytes()
+    slowed = suite("--inject-decode-delay-ms", "150", "-k", "test_decode")
+    slowed.assert_outcomes(failed=1)
+    slowed.stdout.re_match_lines([r".*decode_tokens_per_s of fp32\|tiny\|b1 regressed \d+\.\d% \(baseline .* "
+                                  r"tokens/s, measured .* tokens/s; tolerance 50\.0%, noise .*\)"])
+    assert files[0].read_bytes() == before
+
+
+def test_a_slowed_run_can_never_become_a_baseline(suite):
+    result = suite("--update-baselines", "--inject-decode-delay-ms", "5")
+    assert "cannot be combined with --update-baselines" in result.stderr.str()
+    assert result.ret != 0
+
+
+def test_a_missing_baseline_is_reported_and_fails_only_when_strict(suite, pytester):
+    lenient = suite("-k", "test_perplexity")
+    lenient.assert_outcomes(passed=1)
+    assert "have no baseline for this hardware" in lenient.stdout.str()
+    strict = suite("-k", "test_perplexity", "--strict-baselines")
+    strict.assert_outcomes(failed=1)
+    strict.stdout.fnmatch_lines(["*fp32|tiny: no baseline in *tiny.json; record one with --update-baselines*"])
+    assert baseline_files(pytester.path) == []
+
+
+def test_a_corrupt_baseline_fails_with_its_file_named_and_is_never_overwritten(suite, pytester):
+    suite("--update-baselines", "-k", "test_perplexity").assert_outcomes(passed=1)
+    [path] = baseline_files(pytester.path)
+    data = json.loads(path.read_text())
+    data["cells"]["fp32|tiny"]["figures"]["ppl"]["value"] = "high"
+    path.write_text(json.dumps(data))
+    corrupt = path.read_bytes()
+
+    gated = suite("-k", "test_perplexity")
+    gated.assert_outcomes(failed=1)
+    assert f"{path.name}: cells['fp32|tiny'].figures.ppl.value: expected a number, got 'high'" in gated.stdout.str()
+    updating = suite("-k", "test_perplexity", "--update-baselines")
+    updating.assert_outcomes(failed=1)
+    updating.stdout.fnmatch_lines(["*baselines not updated*expected a number*"])
+    assert path.read_bytes() == corrupt
+
+
+def test_bad_command_line_input_is_a_usage_error(suite):
+    result = suite("--methods", "fp64")
+    assert "--methods: unknown name(s) fp64" in result.stderr.str()
+    result = suite("--tolerance", "speed=0.1")
+    assert "speed" in result.stderr.str() and result.ret != 0
