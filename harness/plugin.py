@@ -55,6 +55,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {help_text}")
     for backend in BACKENDS:
         config.addinivalue_line("markers", f"{backend}: cells of the {backend} backend")
+    # pytest-xdist registers this too when installed; cells carry it either way
+    config.addinivalue_line("markers", "xdist_group(name): keep a (method, model) on one xdist worker")
     session = QuantBench(config)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "quantbench-session")
@@ -105,6 +107,7 @@ class QuantBench:
                                     "it cannot be combined with --update-baselines")
         self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         self.outcomes: dict[str, Outcome] = {}
+        self.prepared: set[str] = set()  # models whose weights were built (or found) by a prepare worker
         self.records: list[dict[str, Any]] = []
         self._matrix: Matrix | None = None
         self._matrix_error: str | None = None
@@ -167,7 +170,12 @@ class QuantBench:
                 "accuracy": cell.suite.accuracy.__dict__,
                 "inject_decode_delay_ms": self.delay_ms,
             }
-            outcome = run_isolated(job, cell.suite.run.cell_timeout_s)
+            outcome = Outcome("ok")
+            if cell.model.name not in self.prepared:
+                outcome = run_isolated({**job, "prepare_only": True}, cell.suite.run.cell_timeout_s)
+            if outcome.status == "ok":
+                self.prepared.add(cell.model.name)
+                outcome = run_isolated(job, cell.suite.run.cell_timeout_s)
             self._write_results(cell, outcome)
             if self.update and outcome.results:
                 try:

@@ -1,5 +1,8 @@
 """The worker process: load one (method, model) once, measure every batch size, write results as it goes.
 
+A job with `prepare_only` only builds what the model needs (embedded or synthetic weights) and exits, so
+that work never shows in the measured process's memory or time.
+
 Run as `python -m harness.worker JOB.json OUT.json`. The parent (harness.isolation) reads OUT.json even
 when this process crashes, runs out of memory or is killed, so finished batch sizes are never lost.
 """
@@ -90,6 +93,10 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         return
 
     resolved = resolve(spec, log=log)
+    if job.get("prepare_only"):
+        # building the embedded or synthetic weights happens here, outside the process that is measured
+        out.finish("ok")
+        return
     tokenizer = None
     if resolved.has_tokenizer:
         from transformers import AutoTokenizer
