@@ -88,7 +88,12 @@ def resolve(spec: ModelSpec, log: Callable[[str], None] = print) -> ResolvedMode
     if spec.source == "hub":
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(spec.hub_id, revision=spec.revision)
+        try:
+            config = AutoConfig.from_pretrained(spec.hub_id, revision=spec.revision)
+        except OSError as exc:
+            raise ModelError(f"model {spec.name!r}: hub id {spec.hub_id!r} could not be resolved: "
+                             f"{str(exc).splitlines()[0]} (offline? download it once, or use a local folder)"
+                             ) from None
         return ResolvedModel(spec.name, spec.hub_id or "", True, False, config.vocab_size,
                              {"source": "hub", "hub_id": spec.hub_id, "revision": spec.revision})
     raise ModelError(f"model {spec.name!r}: unknown source {spec.source!r}")

@@ -126,3 +126,16 @@ def test_bad_command_line_input_is_a_usage_error(suite):
     assert "--methods: unknown name(s) fp64" in result.stderr.str()
     result = suite("--tolerance", "speed=0.1")
     assert "speed" in result.stderr.str() and result.ret != 0
+
+
+def test_the_matrix_spreads_over_xdist_workers_and_merges_one_store(suite, pytester):
+    matrix = pytester.path / "matrix.toml"
+    matrix.write_text(MATRIX.replace('methods = ["fp32"]', 'methods = ["fp32", "bf16"]')
+                      + '[methods.bf16]\nbackend = "torch"\ndtype = "bfloat16"\n')
+    result = suite("-n", "2", "--dist", "loadgroup", "--update-baselines")
+    result.assert_outcomes(passed=10)
+    [path] = baseline_files(pytester.path)
+    assert sorted(json.loads(path.read_text())["cells"]) == [
+        "bf16|tiny", "bf16|tiny|b1", "fp32|tiny", "fp32|tiny|b1"]
+    # the controller's summary sees the figures of both workers
+    assert "bf16|tiny|b1" in result.stdout.str() and "fp32|tiny|b1" in result.stdout.str()

@@ -1,0 +1,68 @@
+"""The command line: hardware comparison and importing a run's results into baselines."""
+
+import json
+
+import pytest
+
+from harness.baselines import BaselineStore
+from harness.cli import main
+from harness.config import ModelSpec
+from harness.models import ModelError, resolve
+from harness.results import CellResult, Figure
+
+
+def cell(method, key, decode, batch_size=1, delay=0):
+    return CellResult(method=method, model="m", batch_size=batch_size,
+                      figures={"decode_tokens_per_s": Figure(decode, 1.0, 3, (decode - 1, decode, decode + 1))},
+                      config={"inject_decode_delay_ms": delay}, hardware={"hardware_key": key})
+
+
+def test_compare_prints_per_cell_ratios_between_two_keys(tmp_path, capsys):
+    store = BaselineStore(tmp_path)
+    store.merge("gpu-a", [cell("fp16", "gpu-a", 100.0), cell("nf4", "gpu-a", 50.0)])
+    store.merge("gpu-b", [cell("fp16", "gpu-b", 150.0)])
+    assert main(["--baselines-dir", str(tmp_path), "compare", "gpu-a", "gpu-b"]) == 0
+    out = capsys.readouterr().out
+    assert "fp16|m|b1" in out and "1.500" in out
+    assert "nf4" not in out
+
+
+def test_compare_names_an_unknown_key(tmp_path, capsys):
+    BaselineStore(tmp_path).merge("gpu-a", [cell("fp16", "gpu-a", 100.0)])
+    assert main(["--baselines-dir", str(tmp_path), "compare", "gpu-a", "gpu-z"]) == 2
+    assert "no baselines for hardware key 'gpu-z'" in capsys.readouterr().err
+
+
+def write_results(path, results):
+    path.write_text(json.dumps({"cell": "x", "status": "ok", "results": [r.to_dict() for r in results]}) + "\n")
+
+
+def test_import_results_merges_under_the_key_that_measured_them(tmp_path):
+    results = tmp_path / "run.jsonl"
+    write_results(results, [cell("fp16", "gpu-a", 100.0), cell("fp16", "gpu-b", 120.0)])
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "import-results", str(results)]) == 0
+    store = BaselineStore(tmp_path / "bl")
+    assert store.hardware_keys() == ["gpu-a", "gpu-b"]
+    assert store.load("gpu-b", "m")["fp16|m|b1"].figures["decode_tokens_per_s"].value == 120.0
+
+
+def test_import_results_refuses_a_slowed_run_and_writes_nothing(tmp_path, capsys):
+    results = tmp_path / "run.jsonl"
+    write_results(results, [cell("fp16", "gpu-a", 100.0, delay=5)])
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "import-results", str(results)]) == 2
+    assert "slowed on purpose" in capsys.readouterr().err
+    assert not (tmp_path / "bl").exists() or BaselineStore(tmp_path / "bl").hardware_keys() == []
+
+
+def test_import_results_names_a_broken_line(tmp_path, capsys):
+    results = tmp_path / "run.jsonl"
+    results.write_text("{not json\n")
+    assert main(["--baselines-dir", str(tmp_path), "import-results", str(results)]) == 2
+    assert "run.jsonl:1: not a quantbench results record" in capsys.readouterr().err
+
+
+def test_a_hub_model_that_cannot_be_reached_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelError, match="model 'llama': hub id 'meta-llama/Llama-2-7b-hf' could not be resolved"):
+        resolve(ModelSpec(name="llama", source="hub", hub_id="meta-llama/Llama-2-7b-hf"))
