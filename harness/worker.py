@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import random
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -51,18 +50,6 @@ class _Output:
         self.data["status"] = status
         self.data["reason"] = reason
         self.flush()
-
-
-def _delay_processor(delay_ms: float) -> Any:
-    """A logits processor that sleeps per generated token: the test-only way to make a cell slower."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    class Delay(LogitsProcessor):
-        def __call__(self, input_ids: Any, scores: Any) -> Any:
-            time.sleep(delay_ms / 1000)
-            return scores
-
-    return LogitsProcessorList([Delay()])
 
 
 def _import_model_code(pretrained: str) -> None:
@@ -129,7 +116,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
                             **base)
     if job.get("measure_accuracy", True):
         ids = eval_ids(resolved, tokenizer, accuracy, seed)
-        result = perplexity(model, ids, accuracy, device)
+        result = perplexity(lambda window: method.logits(model, window), ids, accuracy)
         model_cell.figures["ppl"] = Figure(result.ppl)
         model_details["ppl"] = {"stderr": result.stderr, "nll_mean": result.nll_mean,
                                 "protocol": result.protocol, "eval_ids_digest": ids_digest(ids),
@@ -140,29 +127,13 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     out.add(model_cell)
 
     all_ids = prompt_ids(resolved, tokenizer, max(job["batch_sizes"]), run.prompt_tokens, seed)
-    pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None
-              else getattr(model.generation_config, "eos_token_id", None) or 0)
-    if isinstance(pad_id, list):
-        pad_id = pad_id[0]
-    extra = method.generate_kwargs()
-    delay_ms = float(job.get("inject_decode_delay_ms", 0))
-    if delay_ms:
-        extra["logits_processor"] = _delay_processor(delay_ms)
+    method.inject_delay_ms = float(job.get("inject_decode_delay_ms", 0))
 
     for batch_size in job["batch_sizes"]:
         rows = all_ids[:batch_size]
-        input_ids = torch.tensor(rows, dtype=torch.long, device=model.device)
-        attention_mask = torch.ones_like(input_ids)
 
-        def generate(n: int, streamer: Any, input_ids: Any = input_ids, attention_mask: Any = attention_mask) -> Any:
-            with torch.inference_mode():
-                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=n,
-                                        min_new_tokens=n, do_sample=False, pad_token_id=pad_id, streamer=streamer,
-                                        **extra)
-            if output.shape[1] != input_ids.shape[1] + n:
-                raise RuntimeError(f"generate() returned {output.shape[1] - input_ids.shape[1]} new tokens, "
-                                   f"asked for {n}")
-            return output
+        def generate(n: int, streamer: Any, rows: list[list[int]] = rows) -> None:
+            method.generate(model, rows, n, streamer)
 
         cell = CellResult(batch_size=batch_size, details={"prompt_ids_digest": ids_digest(rows),
                                                           "synthetic": resolved.synthetic}, **base)

@@ -8,6 +8,7 @@ the first is predicted exactly once, and all but the first window's tokens see a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,28 +40,25 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
     return spans
 
 
-def perplexity(model: Any, ids: list[int], accuracy: AccuracyConfig, device: str) -> Perplexity:
-    """Score `ids` with `model` under the protocol above; log-softmax runs in float32."""
+def perplexity(logits: Callable[[list[int]], Any], ids: list[int], accuracy: AccuracyConfig) -> Perplexity:
+    """Score `ids` under the protocol above; `logits(window)` gives float32 logits [len(window), vocab]."""
     import torch
 
     if len(ids) < 2:
         raise ValueError("perplexity needs at least 2 evaluation tokens")
-    tokens = torch.tensor(ids, dtype=torch.long)
     spans = windows(len(ids), accuracy.context_tokens, accuracy.stride)
     nll_sum = 0.0
     nll_sq_sum = 0.0
     count = 0
-    with torch.inference_mode():
-        for begin, end, first_scored in spans:
-            window = tokens[begin:end].unsqueeze(0).to(model.device)
-            logits = model(window, use_cache=False).logits[0].float()
-            # logits at position p predict token p + 1
-            targets = tokens[first_scored:end].to(logits.device)
-            log_probs = torch.log_softmax(logits[first_scored - begin - 1:end - begin - 1], dim=-1)
-            nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1).double()
-            nll_sum += nll.sum().item()
-            nll_sq_sum += (nll * nll).sum().item()
-            count += nll.numel()
+    for begin, end, first_scored in spans:
+        window_logits = logits(ids[begin:end])
+        # logits at position p predict token p + 1
+        targets = torch.tensor(ids[first_scored:end], dtype=torch.long, device=window_logits.device)
+        log_probs = torch.log_softmax(window_logits[first_scored - begin - 1:end - begin - 1].float(), dim=-1)
+        nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1).double()
+        nll_sum += nll.sum().item()
+        nll_sq_sum += (nll * nll).sum().item()
+        count += nll.numel()
     mean = nll_sum / count
     variance = max(nll_sq_sum / count - mean * mean, 0.0) * count / max(count - 1, 1)
     ppl = math.exp(mean)

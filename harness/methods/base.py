@@ -34,6 +34,7 @@ class Method(ABC):
     def __init__(self, params: dict[str, Any], device: str) -> None:
         self.params = {name: params.get(name, p.default) for name, p in self.PARAMS.items()}
         self.device = device
+        self.inject_delay_ms = 0.0  # testing the gate only: sleep this long per generated token
 
     @classmethod
     def validate(cls, params: dict[str, Any], where: str) -> None:
@@ -79,6 +80,37 @@ class Method(ABC):
         """Extra `generate()` arguments this method runs with (e.g. a static cache)."""
         return {}
 
+    def generate(self, model: Any, rows: list[list[int]], new_tokens: int, streamer: Any) -> None:
+        """Greedily generate exactly `new_tokens` ids after each row, handing each step's ids to `streamer`.
+
+        The default runs transformers' `generate()` (EOS ignored: min = max new tokens). Engines with
+        their own decode loop override this and call `streamer.put(...)` once for the prompt and once per
+        step, after the step's ids are on the host.
+        """
+        import torch
+
+        input_ids = torch.tensor(rows, dtype=torch.long, device=model.device)
+        eos = model.generation_config.eos_token_id
+        pad = eos[0] if isinstance(eos, list) else eos
+        kwargs = self.generate_kwargs()
+        if self.inject_delay_ms:
+            kwargs["logits_processor"] = _delay_processor(self.inject_delay_ms)
+        with torch.inference_mode():
+            output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                    pad_token_id=pad if pad is not None else 0, streamer=streamer, **kwargs)
+        if output.shape[1] != input_ids.shape[1] + new_tokens:
+            raise RuntimeError(f"generate() returned {output.shape[1] - input_ids.shape[1]} new tokens, "
+                               f"asked for {new_tokens}")
+
+    def logits(self, model: Any, ids: list[int]) -> Any:
+        """Float32 logits [len(ids), vocab] of one sequence, position p predicting id p + 1."""
+        import torch
+
+        with torch.inference_mode():
+            window = torch.tensor([ids], dtype=torch.long, device=model.device)
+            return model(window, use_cache=False).logits[0].float()
+
     def describe(self, model: Any) -> dict[str, Any]:
         """The resolved settings that decide this method's figures, recorded with every result."""
         return {"backend": self.NAME, "params": dict(self.params)}
@@ -89,6 +121,20 @@ class Method(ABC):
         Called after loading (`generated` False) and after each batch size's timed runs (True), since some
         choices (compilation, kernels) only show once the model has run.
         """
+
+
+def _delay_processor(delay_ms: float) -> Any:
+    """A logits processor that sleeps per generated token: the test-only way to make a cell slower."""
+    import time
+
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Delay(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            time.sleep(delay_ms / 1000)
+            return scores
+
+    return LogitsProcessorList([Delay()])
 
 
 def torch_dtype(name: str) -> Any:
