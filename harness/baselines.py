@@ -522,3 +522,35 @@ def compare(
 def regressions(verdicts: Iterable[Verdict]) -> list[Verdict]:
     """The verdicts that regressed."""
     return [verdict for verdict in verdicts if verdict.regressed]
+
+
+# Settings that change what a figure means; a baseline made under others is not comparable.
+_COMPARABLE_CONFIG = ("method", "model", "run", "accuracy")
+_IGNORED_RUN_FIELDS = ("cell_timeout_s",)
+
+
+def provenance_mismatch(measured: CellResult, baseline: CellResult) -> list[str]:
+    """The config fields and input digests on which a baseline differs from a measured cell.
+
+    A figure only compares with one measured the same way: the same method parameters, model source,
+    run and accuracy settings, and the same token ids (digests). Library versions are meant to differ.
+    """
+    differences = []
+    for section in _COMPARABLE_CONFIG:
+        old, new = baseline.config.get(section), measured.config.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                if key not in _IGNORED_RUN_FIELDS and old.get(key) != new.get(key):
+                    differences.append(f"config.{section}.{key}: baseline {old.get(key)!r}, now {new.get(key)!r}")
+        elif old != new:
+            differences.append(f"config.{section}: baseline {old!r}, now {new!r}")
+    for digest in ("prompt_ids_digest",):
+        old, new = baseline.details.get(digest), measured.details.get(digest)
+        if old and new and old != new:
+            differences.append(f"details.{digest}: baseline {old}, now {new} (different token ids)")
+    old = baseline.details.get("ppl", {}).get("eval_ids_digest")
+    new = measured.details.get("ppl", {}).get("eval_ids_digest")
+    if old and new and old != new:
+        differences.append(f"details.ppl.eval_ids_digest: baseline {old}, now {new} (different evaluation ids)")
+    return differences
+

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from harness import hardware
-from harness.baselines import BaselineError, BaselineStore, Tolerances, compare, regressions
+from harness.baselines import BaselineError, BaselineStore, Tolerances, compare, provenance_mismatch, regressions
 from harness.config import Cell, Matrix, MatrixError, load_matrix
 from harness.hardware import gpu_info, hardware_key
 from harness.isolation import Outcome, run_isolated
@@ -220,16 +220,20 @@ class QuantBench:
             request.node.user_properties.append((name, fig.value))
 
         key = self.hardware_key(ref.cell.suite.device)
+        error = None
         try:
             baseline = None if self.update else self.store.get(key, measured)
         except BaselineError as exc:
             error = str(exc)
-        else:
-            error = None
         if error:
             pytest.fail(error, pytrace=False)
         failures: list[str] = []
-        if self.update:
+        mismatch = provenance_mismatch(result, baseline) if baseline is not None else []
+        if mismatch:
+            record["status"] = "incomparable"
+            failures.append(f"{ref.id}: the baseline in {self.store.path(key, ref.cell.model.name)} was measured "
+                            f"differently ({'; '.join(mismatch)}); re-record it with --update-baselines")
+        elif self.update:
             record["status"] = "updated"
         elif baseline is None:
             record["status"] = "missing"
@@ -253,7 +257,6 @@ class QuantBench:
         if failures:
             pytest.fail("\n".join(failures), pytrace=False)
         return result
-
 
     # ---- hooks of this object, registered as a plugin ---------------------------------------------------
     def pytest_sessionstart(self, session: pytest.Session) -> None:

@@ -273,3 +273,18 @@ def test_bad_tolerance_tables_name_source_and_field(data: dict, expected: str) -
 def test_bad_cli_specs_are_named(spec: str, expected: str) -> None:
     with pytest.raises(ValueError, match=expected):
         Tolerances().with_cli([spec])
+
+
+def test_provenance_mismatch_names_changed_settings_and_inputs() -> None:
+    from harness.baselines import provenance_mismatch
+
+    def made(run: dict, digest: str) -> CellResult:
+        return CellResult(method="m", model="x", batch_size=1, config={"run": run, "method": {"dtype": "float16"}},
+                          details={"prompt_ids_digest": digest})
+
+    base = made({"new_tokens": 64, "cell_timeout_s": 10}, "aaa")
+    assert provenance_mismatch(made({"new_tokens": 64, "cell_timeout_s": 99}, "aaa"), base) == []
+    assert provenance_mismatch(made({"new_tokens": 32, "cell_timeout_s": 10}, "bbb"), base) == [
+        "config.run.new_tokens: baseline 64, now 32",
+        "details.prompt_ids_digest: baseline aaa, now bbb (different token ids)",
+    ]

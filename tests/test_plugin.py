@@ -139,3 +139,13 @@ def test_the_matrix_spreads_over_xdist_workers_and_merges_one_store(suite, pytes
         "bf16|tiny", "bf16|tiny|b1", "fp32|tiny", "fp32|tiny|b1"]
     # the controller's summary sees the figures of both workers
     assert "bf16|tiny|b1" in result.stdout.str() and "fp32|tiny|b1" in result.stdout.str()
+
+
+def test_a_baseline_measured_differently_is_refused_not_compared(suite, pytester):
+    suite("--update-baselines", "-k", "test_perplexity").assert_outcomes(passed=1)
+    matrix = pytester.path / "matrix.toml"
+    matrix.write_text(MATRIX.replace("context_tokens = 32\nstride = 32", "context_tokens = 32\nstride = 16"))
+    result = suite("-k", "test_perplexity")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*fp32|tiny: the baseline in *tiny.json was measured differently "
+                                 "(config.accuracy.stride: baseline 32, now 16); re-record it with --update-baselines"])
