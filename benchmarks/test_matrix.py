@@ -30,3 +30,8 @@ def test_load(quantbench, request, qb_model_cell):
 def test_perplexity(quantbench, request, qb_model_cell):
     """Token-level perplexity on the held-out evaluation ids, protocol recorded with the figure."""
     quantbench.check(request, qb_model_cell, ["ppl"])
+
+
+def test_divergence(quantbench, request, qb_model_cell):
+    """KL divergence, top-1 agreement and perplexity ratio against the suite's unquantized reference."""
+    quantbench.check(request, qb_model_cell, ["ppl_ratio", "kld_mean", "kld_p99", "kld_max", "top1_agreement"])

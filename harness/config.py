@@ -90,6 +90,7 @@ class Suite:
     accuracy: AccuracyConfig
     tolerances: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"  # cpu | cuda
+    reference: str | None = None  # the unquantized method every cell's predictions are compared with
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,7 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
     for name, entry in data.get("suites", {}).items():
         where = f"{source}: suites.{name}"
         _check_type(where, entry, dict)
-        allowed_suite = {"models", "methods", "batch_sizes", "run", "accuracy", "tolerances", "device"}
+        allowed_suite = {"models", "methods", "batch_sizes", "run", "accuracy", "tolerances", "device", "reference"}
         bad = sorted(set(entry) - allowed_suite)
         if bad:
             raise MatrixError(f"{where}.{bad[0]}: unknown field; known: {', '.join(sorted(allowed_suite))}")
@@ -290,6 +291,9 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
         device = entry.get("device", "cpu")
         if device not in ("cpu", "cuda"):
             raise MatrixError(f"{where}.device: expected 'cpu' or 'cuda', got {device!r}")
+        reference = entry.get("reference")
+        if reference is not None and reference not in methods:
+            raise MatrixError(f"{where}.reference: unknown method {reference!r}; known: {', '.join(sorted(methods))}")
         suite_tolerances = entry.get("tolerances", {})
         _check_tolerances(suite_tolerances, f"{where}.tolerances", methods)
         suites[name] = Suite(
@@ -301,6 +305,7 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
             accuracy=_dataclass_from(AccuracyConfig, entry.get("accuracy", {}), f"{where}.accuracy", base=accuracy),
             tolerances=_merge_tolerances(tolerances, suite_tolerances),
             device=device,
+            reference=reference,
         )
     if not suites:
         raise MatrixError(f"{source}: suites: at least one suite is needed (e.g. [suites.cpu])")

@@ -39,6 +39,13 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("load_s", "s", False, 3.0, "wall time to load (and quantize) the model onto the device",
                    floor=2.0),
         MetricSpec("ppl", "", False, 0.01, "token-level perplexity on the held-out evaluation tokens"),
+        MetricSpec("ppl_ratio", "", False, 0.01, "PPL(method) / PPL(reference) on the same ids"),
+        MetricSpec("kld_mean", "nats", False, 0.10,
+                   "mean KL(reference || method) per scored token (top-k + rest bucket)", floor=1e-4),
+        MetricSpec("kld_p99", "nats", False, 0.10, "99th percentile of the per-token KL divergence", floor=1e-3),
+        MetricSpec("kld_max", "nats", False, 0.25, "largest per-token KL divergence", floor=1e-2),
+        MetricSpec("top1_agreement", "", True, 0.01,
+                   "share of positions where method and reference pick the same top token"),
     )
 }
 

@@ -108,6 +108,7 @@ class QuantBench:
         self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         self.outcomes: dict[str, Outcome] = {}
         self.prepared: set[str] = set()  # models whose weights were built (or found) by a prepare worker
+        self.references: dict[tuple[str, str], str] = {}  # (suite, model) -> how its reference job ended
         self.records: list[dict[str, Any]] = []
         self._matrix: Matrix | None = None
         self._matrix_error: str | None = None
@@ -170,11 +171,16 @@ class QuantBench:
                 "accuracy": cell.suite.accuracy.__dict__,
                 "inject_decode_delay_ms": self.delay_ms,
             }
+            reference = self.matrix().methods.get(cell.suite.reference or "")
+            if reference is not None:
+                job["reference"] = {"method": reference.to_dict(), "role": "compare"}
             outcome = Outcome("ok")
             if cell.model.name not in self.prepared:
                 outcome = run_isolated({**job, "prepare_only": True}, cell.suite.run.cell_timeout_s)
             if outcome.status == "ok":
                 self.prepared.add(cell.model.name)
+                if reference is not None:
+                    self._ensure_reference(cell, job, reference)
                 outcome = run_isolated(job, cell.suite.run.cell_timeout_s)
             self._write_results(cell, outcome)
             if self.update and outcome.results:
@@ -186,6 +192,17 @@ class QuantBench:
                     outcome.results = []
         self.outcomes[cell.key] = outcome
         return outcome
+
+    def _ensure_reference(self, cell: Cell, job: dict[str, Any], reference: Any) -> None:
+        """Have the reference method score the model's evaluation ids once (a worker caches its logits)."""
+        key = (cell.suite.name, cell.model.name)
+        if key in self.references:
+            return
+        outcome = run_isolated({**job, "method_class": BACKENDS[reference.backend], "method": reference.to_dict(),
+                                "reference": {"method": reference.to_dict(), "role": "compute"}},
+                               cell.suite.run.cell_timeout_s)
+        # a failed reference leaves the cells without divergence figures; their details say why
+        self.references[key] = f"{outcome.status}: {outcome.reason}" if outcome.status != "ok" else "ok"
 
     def _write_results(self, cell: Cell, outcome: Outcome) -> None:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
@@ -211,7 +228,9 @@ class QuantBench:
             pytest.fail(f"{ref.id}: {result.error}", pytrace=False)
         wanted = [m for m in metrics if m in result.figures]
         if not wanted:
-            pytest.skip(f"{ref.id}: none of {', '.join(metrics)} is measured on this device")
+            why = result.details.get("reference")
+            pytest.skip(f"{ref.id}: {', '.join(metrics)} not measured"
+                        + (f": {why}" if isinstance(why, str) else " for this method, device or suite"))
         measured = replace(result, figures={m: result.figures[m] for m in wanted})
         record: dict[str, Any] = {"cell": ref.id, "suite": ref.cell.suite.name, "figures": {}, "status": "new"}
         for name in wanted:

@@ -16,10 +16,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from harness.cache import atomic_write_text
+from harness.cache import atomic_write_text, cache_root
 from harness.config import AccuracyConfig, ModelSpec, RunConfig
 from harness.hardware import environment, machine_info
 from harness.measure.accuracy import perplexity
+from harness.measure.divergence import Collector, Comparer, Reference, reference_dir, reference_key
 from harness.measure.memory import track_memory
 from harness.measure.throughput import measure_generation, timed
 from harness.methods import MethodUnavailable, method_class
@@ -90,6 +91,16 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(resolved.pretrained)
 
+    ids = eval_ids(resolved, tokenizer, accuracy, seed)
+    reference = job.get("reference")
+    key = None
+    if reference:
+        key = reference_key(resolved.provenance, reference["method"], job["accuracy"], ids_digest(ids))
+    if reference and reference["role"] == "compute" and (reference_dir(cache_root(), key) / "key.json").is_file():
+        log(f"reference logits of {reference['method']['name']} already cached")
+        out.finish("ok")
+        return
+
     _import_model_code(resolved.pretrained)
     with track_memory(device) as load_memory, timed(device) as load_time:
         model = method.load(resolved.pretrained)
@@ -114,15 +125,33 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
                      "load_peak_rss_mib": load_memory["peak_rss_mib"].value}
     model_cell = CellResult(batch_size=None, figures={"load_s": Figure(load_time[0])}, details=model_details,
                             **base)
-    if job.get("measure_accuracy", True):
-        ids = eval_ids(resolved, tokenizer, accuracy, seed)
-        result = perplexity(lambda window: method.logits(model, window), ids, accuracy)
-        model_cell.figures["ppl"] = Figure(result.ppl)
-        model_details["ppl"] = {"stderr": result.stderr, "nll_mean": result.nll_mean,
-                                "protocol": result.protocol, "eval_ids_digest": ids_digest(ids),
-                                "label": "synthetic weights: says nothing about a real model"
-                                if resolved.synthetic else "held-out corpus text"}
-        log(f"ppl {result.ppl:.3f} +- {result.stderr:.3f} over {result.scored_tokens} tokens")
+    observers: list[Any] = []
+    if reference and reference["role"] == "compute":
+        observers.append(Collector())
+    elif reference:
+        folder = reference_dir(cache_root(), key)
+        if (folder / "key.json").is_file():
+            observers.append(Comparer(Reference.load(folder, key)))
+        else:
+            model_details["reference"] = (f"no reference logits from {reference['method']['name']} "
+                                          "(its cell failed or was skipped): no divergence figures")
+    result = perplexity(lambda window: method.logits(model, window), ids, accuracy, observers)
+    model_cell.figures["ppl"] = Figure(result.ppl)
+    model_details["ppl"] = {"stderr": result.stderr, "nll_mean": result.nll_mean,
+                            "protocol": result.protocol, "eval_ids_digest": ids_digest(ids),
+                            "label": "synthetic weights: says nothing about a real model"
+                            if resolved.synthetic else "held-out corpus text"}
+    log(f"ppl {result.ppl:.3f} +- {result.stderr:.3f} over {result.scored_tokens} tokens")
+    for observer in observers:
+        if isinstance(observer, Collector):
+            observer.reference(key).save(reference_dir(cache_root(), key))
+            log(f"reference logits of {reference['method']['name']} saved")
+            out.finish("ok")
+            return
+        divergence = observer.figures()
+        model_details["ppl_ratio_stderr"] = divergence.pop("ppl_ratio_stderr")
+        model_details["reference"] = {"method": reference["method"]["name"], "top_k": key["top_k"]}
+        model_cell.figures.update({name: Figure(value) for name, value in divergence.items()})
     model_details["method"] = method.describe(model)
     out.add(model_cell)
 

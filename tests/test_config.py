@@ -81,6 +81,8 @@ def test_narrowing_by_an_unknown_name_says_which_names_exist():
         (lambda t: "[tolerances]\nspeed = 0.1\n" + t, r"speed"),
         (lambda t: t + "\n[suites.cpu.tolerances.methods.nope]\nppl = 0.1\n", r"methods\.nope: unknown method"),
         (lambda t: t + "\n[extras]\n", r"extras: unknown table"),
+        (lambda t: t.replace("[suites.cpu]", '[suites.cpu]\nreference = "fp64"'),
+         r"suites\.cpu\.reference: unknown method 'fp64'"),
         (lambda t: t.replace("[suites.cpu]", "[suites.cpu]\ndevice = \"tpu\""), r"suites\.cpu\.device"),
     ],
 )

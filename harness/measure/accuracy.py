@@ -8,7 +8,7 @@ the first is predicted exactly once, and all but the first window's tokens see a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +40,13 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
     return spans
 
 
-def perplexity(logits: Callable[[list[int]], Any], ids: list[int], accuracy: AccuracyConfig) -> Perplexity:
-    """Score `ids` under the protocol above; `logits(window)` gives float32 logits [len(window), vocab]."""
+def perplexity(logits: Callable[[list[int]], Any], ids: list[int], accuracy: AccuracyConfig,
+               observers: Sequence[Any] = ()) -> Perplexity:
+    """Score `ids` under the protocol above; `logits(window)` gives float32 logits [len(window), vocab].
+
+    Each observer's `add(log_probs, nll)` receives every window's log-probabilities and token NLLs at
+    its scored positions, in order (harness.measure.divergence collects and compares them).
+    """
     import torch
 
     if len(ids) < 2:
@@ -56,6 +61,8 @@ def perplexity(logits: Callable[[list[int]], Any], ids: list[int], accuracy: Acc
         targets = torch.tensor(ids[first_scored:end], dtype=torch.long, device=window_logits.device)
         log_probs = torch.log_softmax(window_logits[first_scored - begin - 1:end - begin - 1].float(), dim=-1)
         nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1).double()
+        for observer in observers:
+            observer.add(log_probs, nll)
         nll_sum += nll.sum().item()
         nll_sq_sum += (nll * nll).sum().item()
         count += nll.numel()

@@ -1,0 +1,147 @@
+"""How far a method's predictions move from the unquantized reference: KL divergence and top-1 agreement.
+
+The reference (the suite's `reference` method, e.g. fp32 on CPU, fp16 on GPU) scores the evaluation ids
+once under the perplexity protocol; its top-k log-probabilities per scored position and its per-token NLL
+are cached on disk, keyed by model, reference method, protocol and evaluation ids. Every cell then
+compares its own log-probabilities at the same positions:
+
+- KL(reference || method) over the reference's top-k tokens plus one bucket holding the rest of the
+  probability mass. By the grouping property this never exceeds the full-vocabulary KL, and equals it
+  when the reference's mass sits in its top-k (k = 64 by default; llama.cpp keeps all logits instead).
+- top-1 agreement: the share of positions where both pick the same most likely token.
+- the perplexity ratio PPL(method) / PPL(reference) with its uncertainty from the paired per-token
+  NLL differences (as llama.cpp's KL-divergence mode reports it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TOP_K = 64
+FORMAT = 1  # bump when what a reference file holds changes
+
+
+class ReferenceError(ValueError):
+    """A reference file that does not belong to the cell it is offered to."""
+
+
+@dataclass
+class Reference:
+    """The reference's view of the evaluation ids: top-k ids and log-probs and NLL per scored position."""
+
+    key: dict[str, Any]
+    top_ids: Any  # LongTensor [positions, k]
+    top_logprobs: Any  # FloatTensor [positions, k]
+    nll: Any  # DoubleTensor [positions]
+
+    def save(self, path: Path) -> None:
+        import torch
+
+        from harness.cache import atomic_directory
+
+        with atomic_directory(path) as tmp:
+            torch.save({"top_ids": self.top_ids, "top_logprobs": self.top_logprobs, "nll": self.nll},
+                       tmp / "reference.pt")
+            (tmp / "key.json").write_text(json.dumps(self.key, indent=1, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path, expected_key: dict[str, Any]) -> Reference:
+        """Load a cached reference, refusing one made for another model, method or protocol."""
+        import torch
+
+        stored = json.loads((path / "key.json").read_text())
+        if stored != expected_key:
+            changed = sorted(k for k in set(stored) | set(expected_key) if stored.get(k) != expected_key.get(k))
+            raise ReferenceError(f"{path}: reference made for another {', '.join(changed)}; it is not used")
+        data = torch.load(path / "reference.pt", weights_only=True)
+        return cls(stored, data["top_ids"], data["top_logprobs"], data["nll"])
+
+
+def reference_key(model: dict[str, Any], method: dict[str, Any], protocol: dict[str, Any], eval_digest: str,
+                  top_k: int = TOP_K) -> dict[str, Any]:
+    """What a reference depends on; its hash names the cache folder."""
+    return {"format": FORMAT, "model": model, "reference_method": method, "protocol": protocol,
+            "eval_ids_digest": eval_digest, "top_k": top_k}
+
+
+def reference_dir(root: Path, key: dict[str, Any]) -> Path:
+    """The cache folder of the reference with this key."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return root / "reference" / digest
+
+
+class Collector:
+    """Receives each window's float32 log-probabilities at its scored positions (see accuracy.perplexity)."""
+
+    def __init__(self, top_k: int = TOP_K) -> None:
+        self.top_k = top_k
+        self.top_ids: list[Any] = []
+        self.top_logprobs: list[Any] = []
+        self.nll: list[Any] = []
+
+    def add(self, log_probs: Any, nll: Any) -> None:
+        values, ids = log_probs.topk(min(self.top_k, log_probs.shape[-1]), dim=-1)
+        self.top_ids.append(ids.cpu())
+        self.top_logprobs.append(values.cpu())
+        self.nll.append(nll.cpu())
+
+    def reference(self, key: dict[str, Any]) -> Reference:
+        import torch
+
+        return Reference(key, torch.cat(self.top_ids), torch.cat(self.top_logprobs), torch.cat(self.nll))
+
+
+class Comparer:
+    """Compares each window's log-probabilities with the reference's at the same positions."""
+
+    def __init__(self, reference: Reference) -> None:
+        self.reference = reference
+        self.offset = 0
+        self.kld: list[Any] = []
+        self.agree: list[Any] = []
+        self.nll: list[Any] = []
+
+    def add(self, log_probs: Any, nll: Any) -> None:
+
+        n = log_probs.shape[0]
+        ref_ids = self.reference.top_ids[self.offset:self.offset + n].to(log_probs.device)
+        ref_lp = self.reference.top_logprobs[self.offset:self.offset + n].to(log_probs.device).double()
+        if ref_ids.shape[0] != n:
+            raise ReferenceError(f"the reference covers {self.reference.top_ids.shape[0]} positions; "
+                                 f"this run scored more")
+        self.offset += n
+        lp = log_probs.gather(1, ref_ids).double()
+        p = ref_lp.exp()
+        kld = (p * (ref_lp - lp)).sum(dim=1)
+        rest_p = (1 - p.sum(dim=1)).clamp_min(1e-12)
+        rest_q = (1 - lp.exp().sum(dim=1)).clamp_min(1e-12)
+        kld = kld + rest_p * (rest_p.log() - rest_q.log())
+        self.kld.append(kld.clamp_min(0).cpu())
+        self.agree.append((log_probs.argmax(dim=1) == ref_ids[:, 0]).cpu())
+        self.nll.append(nll.cpu())
+
+    def figures(self) -> dict[str, float]:
+        """kld_mean, kld_p99, kld_max, top1_agreement, ppl_ratio and the ratio's standard error."""
+        import torch
+
+        if self.offset != self.reference.top_ids.shape[0]:
+            raise ReferenceError(f"this run scored {self.offset} positions, the reference "
+                                 f"{self.reference.top_ids.shape[0]}")
+        kld = torch.cat(self.kld)
+        diff = torch.cat(self.nll).double() - self.reference.nll.double()
+        n = diff.numel()
+        ratio = math.exp(diff.mean().item())
+        stderr = ratio * (diff.std().item() / math.sqrt(n) if n > 1 else 0.0)
+        return {
+            "kld_mean": kld.mean().item(),
+            "kld_p99": torch.quantile(kld.double(), 0.99).item(),
+            "kld_max": kld.max().item(),
+            "top1_agreement": torch.cat(self.agree).double().mean().item(),
+            "ppl_ratio": ratio,
+            "ppl_ratio_stderr": stderr,
+        }
