@@ -35,3 +35,8 @@ def test_perplexity(quantbench, request, qb_model_cell):
 def test_divergence(quantbench, request, qb_model_cell):
     """KL divergence, top-1 agreement and perplexity ratio against the suite's unquantized reference."""
     quantbench.check(request, qb_model_cell, ["ppl_ratio", "kld_mean", "kld_p99", "kld_max", "top1_agreement"])
+
+
+def test_batch_consistency(quantbench, qb_model_cell):
+    """Greedy tokens of prompts in a left-padded batch equal those of each prompt run alone."""
+    quantbench.check_consistency(qb_model_cell)

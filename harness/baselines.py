@@ -526,7 +526,8 @@ def regressions(verdicts: Iterable[Verdict]) -> list[Verdict]:
 
 # Settings that change what a figure means; a baseline made under others is not comparable.
 _COMPARABLE_CONFIG = ("method", "model", "run", "accuracy")
-_IGNORED_RUN_FIELDS = ("cell_timeout_s",)
+# These decide a limit or a pass/fail check, not how any stored figure is measured.
+_IGNORED_RUN_FIELDS = ("cell_timeout_s", "consistency_tokens")
 
 
 def provenance_mismatch(measured: CellResult, baseline: CellResult) -> list[str]:

@@ -33,6 +33,7 @@ class RunConfig:
     repeats: int = 5  # timed repeats; each figure is their median, their spread is recorded
     cell_timeout_s: float = 1800.0  # a (method, model) worker still running after this is killed
     seed: int = 0  # seeds prompt ids for models without a tokenizer, and sampling-free generation
+    consistency_tokens: int = 16  # greedy tokens compared between a left-padded batch and lone prompts (0: off)
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def _dataclass_from(cls: type, data: dict[str, Any], where: str, base: Any = Non
         f = fields[name]
         expected: type | tuple[type, ...] = (int, float) if f.type in ("float", float) else int
         _check_type(f"{where}.{name}", value, expected)
-        if value < 0 or (value == 0 and name not in ("warmup", "seed")):
+        if value < 0 or (value == 0 and name not in ("warmup", "seed", "consistency_tokens")):
             raise MatrixError(f"{where}.{name}: must be positive, got {value!r}")
         values[name] = value
     return dataclasses.replace(base, **values) if base is not None else cls(**values)

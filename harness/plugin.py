@@ -277,6 +277,25 @@ class QuantBench:
             pytest.fail("\n".join(failures), pytrace=False)
         return result
 
+    def check_consistency(self, ref: CellRef) -> None:
+        """Fail the test when a left-padded batch's greedy tokens differ from the lone prompts'."""
+        from harness.measure.consistency import describe_failure
+
+        outcome = self.outcome(ref.cell)
+        if outcome.status == "skipped":
+            pytest.skip(f"{ref.id}: {outcome.reason}")
+        result = outcome.result(None)
+        if result is None:
+            pytest.fail(f"{ref.id}: no result: worker {outcome.status}: {outcome.reason}", pytrace=False)
+        report = result.details.get("batch_consistency")
+        if report is None:
+            pytest.skip(f"{ref.id}: batch consistency is off (run.consistency_tokens = 0)")
+        if report["consistent"] is None:
+            pytest.skip(f"{ref.id}: {report['reason']}")
+        if not report["consistent"]:
+            pytest.fail(f"{ref.id}: batched greedy output differs from lone prompts: {describe_failure(report)}",
+                        pytrace=False)
+
     # ---- hooks of this object, registered as a plugin ---------------------------------------------------
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         # A matrix or filter named on the command line is checked before anything runs.

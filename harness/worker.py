@@ -19,6 +19,7 @@ from typing import Any
 from harness.cache import atomic_write_text, cache_root
 from harness.config import AccuracyConfig, ModelSpec, RunConfig
 from harness.hardware import environment, machine_info
+from harness.measure import consistency
 from harness.measure.accuracy import perplexity
 from harness.measure.divergence import Collector, Comparer, Reference, reference_dir, reference_key
 from harness.measure.memory import track_memory
@@ -62,25 +63,21 @@ def _import_model_code(pretrained: str) -> None:
 
 
 def run_job(job: dict[str, Any], out: _Output) -> None:
-    """Measure the job's (method, model) at each of its batch sizes; see the module docstring."""
+    """Prepare, compute a reference, or measure one (method, model); see the module docstring."""
     import torch
 
     seed = job["run"]["seed"]
     random.seed(seed)
     torch.manual_seed(seed)
     device = job["device"]
-    run = RunConfig(**job["run"])
-    accuracy = AccuracyConfig(**job["accuracy"])
-    spec = ModelSpec(**job["model"])
-    method_spec = job["method"]
-    method = method_class(job["method_class"])(method_spec["params"], device)
+    method = method_class(job["method_class"])(job["method"]["params"], device)
     try:
         method.check_available()
     except MethodUnavailable as exc:
         out.finish("skipped", str(exc))
         return
 
-    resolved = resolve(spec, log=log)
+    resolved = resolve(ModelSpec(**job["model"]), log=log)
     if job.get("prepare_only"):
         # building the embedded or synthetic weights happens here, outside the process that is measured
         out.finish("ok")
@@ -90,29 +87,30 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolved.pretrained)
-
+    accuracy = AccuracyConfig(**job["accuracy"])
     ids = eval_ids(resolved, tokenizer, accuracy, seed)
     reference = job.get("reference")
-    key = None
-    if reference:
-        key = reference_key(resolved.provenance, reference["method"], job["accuracy"], ids_digest(ids))
-    if reference and reference["role"] == "compute" and (reference_dir(cache_root(), key) / "key.json").is_file():
-        log(f"reference logits of {reference['method']['name']} already cached")
+    key = reference_key(resolved.provenance, reference["method"], job["accuracy"], ids_digest(ids)) if reference \
+        else None
+
+    if reference and reference["role"] == "compute":
+        folder = reference_dir(cache_root(), key)
+        if not (folder / "key.json").is_file():
+            model, _, _ = _load(method, resolved, device)
+            collector = Collector()
+            perplexity(lambda window: method.logits(model, window), ids, accuracy, [collector])
+            collector.reference(key).save(folder)
+        log(f"reference logits of {reference['method']['name']} in {folder}")
         out.finish("ok")
         return
 
-    _import_model_code(resolved.pretrained)
-    with track_memory(device) as load_memory, timed(device) as load_time:
-        model = method.load(resolved.pretrained)
-    method.verify(model, generated=False)
-    log(f"loaded {spec.name} with {method_spec['name']} in {load_time[0]:.1f} s")
-
+    model, load_s, load_memory = _load(method, resolved, device)
     base = {
-        "method": method_spec["name"],
-        "model": spec.name,
+        "method": job["method"]["name"],
+        "model": resolved.name,
         "config": {
             "suite": job["suite"],
-            "method": method_spec,
+            "method": job["method"],
             "model": job["model"],
             "run": job["run"],
             "accuracy": job["accuracy"],
@@ -121,73 +119,111 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         "environment": environment(),
         "hardware": machine_info(device),
     }
-    model_details = {"model": resolved.provenance, "synthetic": resolved.synthetic,
-                     "load_peak_rss_mib": load_memory["peak_rss_mib"].value}
-    model_cell = CellResult(batch_size=None, figures={"load_s": Figure(load_time[0])}, details=model_details,
-                            **base)
-    observers: list[Any] = []
-    if reference and reference["role"] == "compute":
-        observers.append(Collector())
-    elif reference:
-        folder = reference_dir(cache_root(), key)
-        if (folder / "key.json").is_file():
-            observers.append(Comparer(Reference.load(folder, key)))
-        else:
-            model_details["reference"] = (f"no reference logits from {reference['method']['name']} "
-                                          "(its cell failed or was skipped): no divergence figures")
-    result = perplexity(lambda window: method.logits(model, window), ids, accuracy, observers)
-    model_cell.figures["ppl"] = Figure(result.ppl)
-    model_details["ppl"] = {"stderr": result.stderr, "nll_mean": result.nll_mean,
-                            "protocol": result.protocol, "eval_ids_digest": ids_digest(ids),
-                            "label": "synthetic weights: says nothing about a real model"
-                            if resolved.synthetic else "held-out corpus text"}
-    log(f"ppl {result.ppl:.3f} +- {result.stderr:.3f} over {result.scored_tokens} tokens")
-    for observer in observers:
-        if isinstance(observer, Collector):
-            observer.reference(key).save(reference_dir(cache_root(), key))
-            log(f"reference logits of {reference['method']['name']} saved")
-            out.finish("ok")
-            return
-        divergence = observer.figures()
-        model_details["ppl_ratio_stderr"] = divergence.pop("ppl_ratio_stderr")
-        model_details["reference"] = {"method": reference["method"]["name"], "top_k": key["top_k"]}
-        model_cell.figures.update({name: Figure(value) for name, value in divergence.items()})
-    model_details["method"] = method.describe(model)
+    run = RunConfig(**job["run"])
+    all_ids = prompt_ids(resolved, tokenizer, max(4, *job["batch_sizes"]), run.prompt_tokens, seed)
+    model_cell = CellResult(batch_size=None, figures={"load_s": Figure(load_s)}, **base,
+                            details={"model": resolved.provenance, "synthetic": resolved.synthetic,
+                                     "load_peak_rss_mib": load_memory["peak_rss_mib"].value})
+    _accuracy(method, model, model_cell, ids, accuracy, reference, key)
+    if run.consistency_tokens:
+        model_cell.details["batch_consistency"] = _consistency(method, model, all_ids, run)
+    model_cell.details["method"] = method.describe(model)
     out.add(model_cell)
 
-    all_ids = prompt_ids(resolved, tokenizer, max(job["batch_sizes"]), run.prompt_tokens, seed)
     method.inject_delay_ms = float(job.get("inject_decode_delay_ms", 0))
-
     for batch_size in job["batch_sizes"]:
         rows = all_ids[:batch_size]
-
-        def generate(n: int, streamer: Any, rows: list[list[int]] = rows) -> None:
-            method.generate(model, rows, n, streamer)
-
         cell = CellResult(batch_size=batch_size, details={"prompt_ids_digest": ids_digest(rows),
                                                           "synthetic": resolved.synthetic}, **base)
-        try:
-            with track_memory(device) as memory:
-                timing = measure_generation(generate, device, batch_size, run.prompt_tokens, run.new_tokens,
-                                            run.warmup, run.repeats)
-            method.verify(model, generated=True)
-        except torch.OutOfMemoryError as exc:
-            cell.error = f"out of memory at batch size {batch_size}: {str(exc).splitlines()[0]}"
-            log(cell.error)
-            del exc
-            torch.cuda.empty_cache()
-            out.add(cell)
-            continue
-        cell.figures.update(timing.figures())
-        cell.figures.update({k: v for k, v in memory.items() if isinstance(v, Figure)})
-        cell.details["nvml_scope"] = memory.get("nvml_scope")
-        cell.details["method"] = method.describe(model)
-        figs = cell.figures
-        log(f"b{batch_size}: decode {figs['decode_tokens_per_s'].value:.1f} tok/s "
-            f"(+-{100 * figs['decode_tokens_per_s'].relative_spread:.1f}%), "
-            f"prefill {figs['prefill_tokens_per_s'].value:.0f} tok/s")
+        _throughput(method, model, cell, rows, run, device)
         out.add(cell)
     out.finish("ok")
+
+
+def _load(method: Any, resolved: Any, device: str) -> tuple[Any, float, dict[str, Any]]:
+    """Load the model through the method; return it, the load time and the memory seen while loading."""
+    _import_model_code(resolved.pretrained)
+    with track_memory(device) as memory, timed(device) as seconds:
+        model = method.load(resolved.pretrained)
+    method.verify(model, generated=False)
+    log(f"loaded {resolved.name} in {seconds[0]:.1f} s")
+    return model, seconds[0], memory
+
+
+def _accuracy(method: Any, model: Any, cell: CellResult, ids: list[int], accuracy: AccuracyConfig,
+              reference: dict[str, Any] | None, key: dict[str, Any] | None) -> None:
+    """Perplexity, and divergence from the cached reference when there is one."""
+    comparer = None
+    if reference:
+        folder = reference_dir(cache_root(), key)
+        if (folder / "key.json").is_file():
+            comparer = Comparer(Reference.load(folder, key))
+        else:
+            cell.details["reference"] = (f"no reference logits from {reference['method']['name']} "
+                                         "(its cell failed or was skipped): no divergence figures")
+    result = perplexity(lambda window: method.logits(model, window), ids, accuracy, [comparer] if comparer else [])
+    cell.figures["ppl"] = Figure(result.ppl)
+    cell.details["ppl"] = {"stderr": result.stderr, "nll_mean": result.nll_mean, "protocol": result.protocol,
+                           "eval_ids_digest": ids_digest(ids),
+                           "label": "synthetic weights: says nothing about a real model"
+                           if cell.details["synthetic"] else "held-out corpus text"}
+    log(f"ppl {result.ppl:.3f} +- {result.stderr:.3f} over {result.scored_tokens} tokens")
+    if comparer is not None:
+        divergence = comparer.figures()
+        cell.details["ppl_ratio_stderr"] = divergence.pop("ppl_ratio_stderr")
+        cell.details["reference"] = {"method": reference["method"]["name"], "top_k": key["top_k"]}
+        cell.figures.update({name: Figure(value) for name, value in divergence.items()})
+
+
+def _consistency(method: Any, model: Any, all_ids: list[list[int]], run: RunConfig) -> dict[str, Any]:
+    """Greedy tokens of prompts of different lengths, batched with left padding and alone."""
+    lengths = consistency.prompt_lengths(run.prompt_tokens)
+    prompts = [row[:length] for row, length in zip(all_ids[:len(lengths)], lengths, strict=True)]
+    import torch
+
+    try:
+        report = consistency.check(lambda rows, n: method.greedy(model, rows, n), prompts, run.consistency_tokens)
+    except NotImplementedError as exc:
+        report = {"consistent": None, "reason": f"not checked: {exc}"}
+    except torch.OutOfMemoryError as exc:
+        report = {"consistent": None, "reason": f"not checked: out of memory: {str(exc).splitlines()[0]}"}
+        del exc
+        torch.cuda.empty_cache()
+    log(f"batch consistency: {report['consistent']}")
+    return report
+
+
+def _throughput(method: Any, model: Any, cell: CellResult, rows: list[list[int]], run: RunConfig,
+                device: str) -> None:
+    """Time generation at one batch size and track its memory; out-of-memory becomes the cell's error."""
+    import torch
+
+    def generate(n: int, streamer: Any) -> None:
+        method.generate(model, rows, n, streamer)
+
+    try:
+        with track_memory(device) as memory:
+            timing = measure_generation(generate, device, len(rows), run.prompt_tokens, run.new_tokens,
+                                        run.warmup, run.repeats)
+    except torch.OutOfMemoryError as exc:
+        cell.error = f"out of memory at batch size {len(rows)}: {str(exc).splitlines()[0]}"
+        log(cell.error)
+        del exc
+        torch.cuda.empty_cache()
+        return
+    try:
+        method.verify(model, generated=True)
+    except RuntimeError as exc:
+        # the figures stay in the results for diagnosis; a cell with an error never becomes a baseline
+        cell.error = str(exc)
+        log(cell.error)
+    cell.figures.update(timing.figures())
+    cell.figures.update({k: v for k, v in memory.items() if isinstance(v, Figure)})
+    cell.details["nvml_scope"] = memory.get("nvml_scope")
+    cell.details["method"] = method.describe(model)
+    decode = cell.figures["decode_tokens_per_s"]
+    log(f"b{len(rows)}: decode {decode.value:.1f} tok/s (+-{100 * decode.relative_spread:.1f}%), "
+        f"prefill {cell.figures['prefill_tokens_per_s'].value:.0f} tok/s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,13 +61,13 @@ def test_cells_are_parametrized_with_readable_ids_and_markers(suite):
     result = suite("--collect-only", "-q", "-m", "cpu and torch")
     result.stdout.fnmatch_lines(["test_matrix.py::test_decode[[]fp32|tiny|b1[]]",
                                  "test_matrix.py::test_perplexity[[]fp32|tiny[]]"])
-    assert "6 tests collected" in result.stdout.str()
+    assert "7 tests collected" in result.stdout.str()
     assert "no tests collected" in suite("--collect-only", "-q", "-m", "gpu").stdout.str()
 
 
 def test_record_then_gate_then_catch_a_slowdown(suite, pytester):
     recorded = suite("--update-baselines")
-    recorded.assert_outcomes(passed=6)
+    recorded.assert_outcomes(passed=7)
     files = baseline_files(pytester.path)
     assert len(files) == 1 and files[0].name == "tiny.json"
     stored = json.loads(files[0].read_text())
@@ -80,7 +80,7 @@ def test_record_then_gate_then_catch_a_slowdown(suite, pytester):
     assert cell["hardware"]["hardware_key"] == files[0].parent.name
 
     gated = suite()
-    gated.assert_outcomes(passed=6)
+    gated.assert_outcomes(passed=7)
     assert "ok" in gated.stdout.str()
 
     before = files[0].read_bytes()
@@ -136,7 +136,7 @@ def test_the_matrix_spreads_over_xdist_workers_and_merges_one_store(suite, pytes
     matrix.write_text(MATRIX.replace('methods = ["fp32"]', 'methods = ["fp32", "bf16"]')
                       + '[methods.bf16]\nbackend = "torch"\ndtype = "bfloat16"\n')
     result = suite("-n", "2", "--dist", "loadgroup", "--update-baselines")
-    result.assert_outcomes(passed=12)
+    result.assert_outcomes(passed=14)
     [path] = baseline_files(pytester.path)
     assert sorted(json.loads(path.read_text())["cells"]) == [
         "bf16|tiny", "bf16|tiny|b1", "fp32|tiny", "fp32|tiny|b1"]

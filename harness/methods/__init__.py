@@ -13,6 +13,7 @@ from harness.methods.base import Method, MethodUnavailable, Param
 BACKENDS: dict[str, str] = {
     "torch": "harness.methods.dense:DenseMethod",
     "bnb": "harness.methods.bnb:BitsAndBytesMethod",
+    "gguf": "harness.methods.gguf:GGUFMethod",
 }
 
 __all__ = ["BACKENDS", "Method", "MethodUnavailable", "Param", "method_class"]

@@ -103,6 +103,26 @@ class Method(ABC):
             raise RuntimeError(f"generate() returned {output.shape[1] - input_ids.shape[1]} new tokens, "
                                f"asked for {new_tokens}")
 
+    def greedy(self, model: Any, rows: list[list[int]], new_tokens: int) -> tuple[list[list[int]], Any]:
+        """Greedy ids and per-step float32 scores [rows, steps, vocab] for prompts of different lengths.
+
+        The default left-pads the batch and masks the padding, as users batch prompts with transformers.
+        """
+        import torch
+
+        width = max(len(row) for row in rows)
+        eos = model.generation_config.eos_token_id
+        pad = (eos[0] if isinstance(eos, list) else eos) or 0
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=model.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long,
+                            device=model.device)
+        with torch.inference_mode():
+            output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                                    output_scores=True, return_dict_in_generate=True, **self.generate_kwargs())
+        scores = torch.stack(output.scores, dim=1).float().cpu()
+        return output.sequences[:, width:].tolist(), scores
+
     def logits(self, model: Any, ids: list[int]) -> Any:
         """Float32 logits [len(ids), vocab] of one sequence, position p predicting id p + 1."""
         import torch

@@ -1,0 +1,441 @@
+"""llama.cpp through llama-cpp-python: GGUF files, converted and quantized here or given, decoded in batches.
+
+Every row of a batch is its own llama.cpp sequence, and each decode step is one `llama_decode` of all rows
+(the high-level `Llama` class decodes one sequence only). The context is created at load for one sequence
+and recreated, never the model, when a call needs more sequences or a longer context than it has; in the
+suite that happens in a batch size's first warm-up run, outside the timed region.
+
+After each `generate()` the method reads llama.cpp's own counters (`llama_perf_context`) and `verify()`
+fails the batch size when llama.cpp's decode time and the host's decode time, measured the way the suite
+measures it, differ by more than the `perf_tolerance` parameter (5 %): a cross-check that the suite's
+timing of this engine measures the engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from harness.gguf import GGUFError, _quiet_llama_cpp, check_gguf, file_sha256, gguf_file, read_sidecar
+from harness.methods.base import Method, MethodUnavailable, Param
+
+CONTEXT_ROUND = 256  # per-sequence context sizes are rounded up to this, so small changes reuse the context
+PARITY_CHARS = 2000  # held-out characters tokenized by both tokenizers
+
+
+@dataclass
+class GGUFModel:
+    """A loaded GGUF model: llama.cpp's model and context handles, and what was measured about them."""
+
+    path: Path
+    source: Path | None  # the Hugging Face folder it was converted from, or beside which it was given
+    sidecar: dict[str, Any]  # size, sha256 and conversion/quantization wall times of a cached file
+    vocab_kind: str  # "sentencepiece", "placeholder", or "file" for a given GGUF without the suite's marker
+    llama_model: Any
+    vocab: Any
+    n_vocab: int
+    n_gpu_layers: int
+    context: Any = None
+    n_seq_max: int = 0
+    n_ctx_seq: int = 0
+    batch: Any = None
+    batch_capacity: int = 0
+    tokens: Any = None  # numpy views of the batch's arrays
+    positions: Any = None
+    n_seq_ids: Any = None
+    outputs: Any = None
+    seq_ids: Any = None  # the sequence id last written to each batch slot
+    last_perf: dict[str, float] | None = None  # llama.cpp's counters and the host's timing of the last generate()
+    perf_unverified: list[dict[str, float]] = field(default_factory=list)  # since the last verify()
+    perf_differences: list[float] = field(default_factory=list)  # relative differences of every generate()
+    tokenizer_parity: dict[str, Any] | None = None
+    last_tokens: Any = None  # [rows, new_tokens] ids chosen by the last generate()
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.n_gpu_layers == 0 else "cuda"
+
+
+class GGUFMethod(Method):
+    """A GGUF file run by llama.cpp: f16 or one of llama.cpp's quantization types, on CPU or offloaded to GPU."""
+
+    NAME = "gguf"
+    MARKER = "gguf"
+    PARAMS = {
+        "qtype": Param(str, "q4_K_M", "llama.cpp quantization type of the converted file",
+                       ("f16", "q8_0", "q4_0", "q4_K_M", "q5_K_M")),
+        "file": Param(str, "", "an existing .gguf file to benchmark as is, instead of converting the model"),
+        "n_gpu_layers": Param(int, -1, "layers offloaded to the GPU (-1: all); forced to 0 on the CPU"),
+        "flash_attn": Param(bool, False, "llama.cpp's flash attention"),
+        "n_batch": Param(int, 512, "most tokens per llama_decode call (longer prompts are split)"),
+        "n_ubatch": Param(int, 512, "most tokens per physical batch inside llama.cpp"),
+        "n_threads": Param(int, 0, "CPU threads for decode and prefill (0: llama.cpp's default, 4)"),
+        "perf_tolerance": Param(float, 0.05, "verify(): largest relative difference between llama.cpp's own "
+                                "decode time and the suite's; the host loop costs ~40 us a step, so models "
+                                "whose steps take well under a millisecond need more"),
+    }
+
+    @classmethod
+    def requires(cls) -> tuple[str, ...]:
+        return ("llama_cpp", "gguf")
+
+    def check_available(self) -> None:
+        super().check_available()
+        if self.device == "cuda":
+            import llama_cpp
+
+            if not llama_cpp.llama_supports_gpu_offload():
+                raise MethodUnavailable("llama-cpp-python was built without GPU offload (rebuild it with "
+                                        "CMAKE_ARGS=\"-DGGML_CUDA=on\")")
+
+    def n_gpu_layers(self) -> int:
+        """Layers to offload: none on the CPU, whatever the parameter says."""
+        return 0 if self.device == "cpu" else self.params["n_gpu_layers"]
+
+    # ---- loading ------------------------------------------------------------------------------------
+
+    def load(self, pretrained: str) -> GGUFModel:
+        import llama_cpp
+
+        _quiet_llama_cpp()
+        llama_cpp.llama_backend_init()
+        folder = Path(pretrained) if Path(pretrained).is_dir() else None
+        if self.params["file"]:
+            path = Path(self.params["file"]).expanduser()
+            check_gguf(path)
+            sidecar = read_sidecar(path)
+        else:
+            if folder is None:
+                raise GGUFError(f"{pretrained!r} is not a local folder: the gguf backend converts embedded, "
+                                "synthetic and local models; give a ready .gguf with the 'file' parameter")
+            path = gguf_file(folder, self.params["qtype"], log=_log)
+            sidecar = read_sidecar(path)
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = self.n_gpu_layers()
+        llama_model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not llama_model:
+            raise GGUFError(f"llama.cpp could not load {path} (its log above says why)")
+        vocab = llama_cpp.llama_model_get_vocab(llama_model)
+        kind = _meta(llama_model, "quantbench.vocab") or "file"
+        model = GGUFModel(path=path, source=folder, sidecar=sidecar, vocab_kind=kind, llama_model=llama_model,
+                          vocab=vocab, n_vocab=llama_cpp.llama_vocab_n_tokens(vocab),
+                          n_gpu_layers=self.n_gpu_layers())
+        self._ensure_context(model, n_seq=1, n_ctx_seq=CONTEXT_ROUND)
+        return model
+
+    def _ensure_context(self, model: GGUFModel, n_seq: int, n_ctx_seq: int) -> None:
+        """Make the context hold `n_seq` sequences of `n_ctx_seq` tokens each, recreating it if it is smaller."""
+        if model.context is not None and n_seq <= model.n_seq_max and n_ctx_seq <= model.n_ctx_seq:
+            return
+        import llama_cpp
+        import numpy as np
+
+        n_seq = max(n_seq, model.n_seq_max)
+        n_ctx_seq = -(-max(n_ctx_seq, model.n_ctx_seq) // CONTEXT_ROUND) * CONTEXT_ROUND
+        _free_context(model)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx_seq * n_seq
+        params.n_seq_max = n_seq
+        params.n_batch = self.params["n_batch"]
+        params.n_ubatch = self.params["n_ubatch"]
+        if self.params["n_threads"]:
+            params.n_threads = params.n_threads_batch = self.params["n_threads"]
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.params["flash_attn"]
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.n_outputs_max_per_seq = 0  # every position of a window has logits (perplexity)
+        params.kv_unified = False  # one KV stream per row: rows share no prefix
+        params.no_perf = False  # llama.cpp only keeps its timings when asked
+        context = llama_cpp.llama_init_from_model(model.llama_model, params)
+        if not context:
+            raise RuntimeError(f"llama.cpp could not create a context of {n_seq} sequences x {n_ctx_seq} "
+                               f"tokens for {model.path}")
+        model.context, model.n_seq_max, model.n_ctx_seq = context, n_seq, n_ctx_seq
+        capacity = llama_cpp.llama_n_batch(context)
+        model.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        model.batch_capacity = capacity
+        model.tokens = np.ctypeslib.as_array(model.batch.token, shape=(capacity,))
+        model.positions = np.ctypeslib.as_array(model.batch.pos, shape=(capacity,))
+        model.n_seq_ids = np.ctypeslib.as_array(model.batch.n_seq_id, shape=(capacity,))
+        model.outputs = np.ctypeslib.as_array(model.batch.logits, shape=(capacity,))
+        model.n_seq_ids[:] = 1
+        model.seq_ids = np.full(capacity, -1, dtype=np.int32)
+
+    # ---- decoding -----------------------------------------------------------------------------------
+
+    def _decode(self, model: GGUFModel, tokens: Any, positions: Any, seqs: Any, outputs: Any) -> Any:
+        """Run tokens through llama_decode in chunks of n_batch; return the logits of the output tokens.
+
+        The result is a float32 array [number of outputs, vocab], in the tokens' order.
+        """
+        import numpy as np
+
+        capacity = model.batch_capacity
+        parts = []
+        for start in range(0, len(tokens), capacity):
+            stop = min(start + capacity, len(tokens))
+            k = stop - start
+            model.tokens[:k] = tokens[start:stop]
+            model.positions[:k] = positions[start:stop]
+            model.outputs[:k] = outputs[start:stop]
+            # seq_id is an array of pointers: write only the slots whose sequence changed
+            for j in np.flatnonzero(model.seq_ids[:k] != seqs[start:stop]).tolist():
+                model.batch.seq_id[j][0] = int(seqs[start + j])
+                model.seq_ids[j] = seqs[start + j]
+            model.batch.n_tokens = k
+            parts.append(self._run(model, int(np.count_nonzero(outputs[start:stop]))).copy())
+        return np.concatenate(parts)
+
+    def _run(self, model: GGUFModel, n_outputs: int) -> Any:
+        """llama_decode the batch as filled; a view [n_outputs, vocab] of its logits, valid until the next run.
+
+        llama.h: the logits of the tokens marked for output are stored contiguously, in batch order, so one
+        `llama_get_logits` call reads them all (one `llama_get_logits_ith` per row costs a call per row).
+        """
+        import llama_cpp
+        import numpy as np
+
+        status = llama_cpp.llama_decode(model.context, model.batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status} for {model.batch.n_tokens} tokens "
+                               f"({model.path}); 1 means no KV cache slot was free")
+        if n_outputs == 0:
+            return np.empty((0, model.n_vocab), dtype=np.float32)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(model.context), shape=(n_outputs, model.n_vocab))
+
+    def _clear(self, model: GGUFModel) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(model.context), True)
+
+    def generate(self, model: GGUFModel, rows: list[list[int]], new_tokens: int, streamer: Any) -> None:
+        self._greedy(model, rows, new_tokens, streamer, scores=None)
+
+    def greedy(self, model: GGUFModel, rows: list[list[int]], new_tokens: int) -> tuple[list[list[int]], Any]:
+        """Greedy ids and per-step scores for prompts of different lengths: each row is its own sequence,
+        so nothing is padded."""
+        import numpy as np
+        import torch
+
+        scores = np.empty((len(rows), new_tokens, model.n_vocab), dtype=np.float32)
+        ids = self._greedy(model, rows, new_tokens, None, scores=scores)
+        return ids.tolist(), torch.from_numpy(scores)
+
+    def _greedy(self, model: GGUFModel, rows: list[list[int]], new_tokens: int, streamer: Any,
+                scores: Any) -> Any:
+        """Decode all rows together, one llama_decode per step; return the ids [rows, new_tokens].
+
+        `scores`, when given, receives each step's logits; otherwise llama.cpp's counters are recorded for
+        the cross-check (the timed path keeps nothing it does not need).
+        """
+        import llama_cpp
+        import numpy as np
+        import torch
+
+        n_rows = len(rows)
+        lengths = np.array([len(row) for row in rows], dtype=np.int32)
+        self._ensure_context(model, n_seq=n_rows, n_ctx_seq=int(lengths.max()) + new_tokens)
+        self._clear(model)
+        flat = np.concatenate([np.asarray(row, dtype=np.int32) for row in rows])
+        positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+        seqs = np.arange(n_rows, dtype=np.int32)
+        last = np.zeros(len(flat), dtype=np.int8)
+        last[np.cumsum(lengths) - 1] = 1  # prefill needs the logits of each row's last prompt token only
+        chosen = np.zeros((new_tokens, n_rows), dtype=np.int32)  # step-major: each step's ids are contiguous
+        delay_s = self.inject_delay_ms / 1000
+        one_call = n_rows <= model.batch_capacity
+        step_positions = model.positions[:n_rows]
+        step_tokens = model.tokens[:n_rows]
+
+        llama_cpp.llama_perf_context_reset(model.context)
+        if streamer is not None:
+            streamer.put(torch.from_numpy(flat))
+        logits = self._decode(model, flat, positions, np.repeat(seqs, lengths), last)
+        chosen[0] = logits.argmax(axis=1)
+        if scores is not None:
+            scores[:, 0] = logits
+        if delay_s:
+            time.sleep(delay_s)
+        if streamer is not None:
+            streamer.put(torch.from_numpy(chosen[0]))
+        first_token_at = time.perf_counter()
+        after_prefill = llama_cpp.llama_perf_context(model.context)
+        if one_call:  # every step below is one llama_decode of all rows: set the fixed fields once
+            model.outputs[:n_rows] = 1
+            self._decode_setup(model, seqs)
+        for step in range(1, new_tokens):
+            if one_call:
+                step_tokens[:] = chosen[step - 1]
+                step_positions[:] = lengths + (step - 1)
+                logits = self._run(model, n_rows)
+            else:
+                logits = self._decode(model, chosen[step - 1], lengths + (step - 1), seqs, np.ones(n_rows, np.int8))
+            chosen[step] = logits.argmax(axis=1)
+            if scores is not None:
+                scores[:, step] = logits
+            if delay_s:
+                time.sleep(delay_s)
+            if streamer is not None:
+                streamer.put(torch.from_numpy(chosen[step]))
+        host_decode_ms = (time.perf_counter() - first_token_at) * 1000
+        end = llama_cpp.llama_perf_context(model.context)
+        ids = chosen.T.copy()
+        if scores is None:
+            self._record_perf(model, after_prefill, end, host_decode_ms, delay_s * (new_tokens - 1) * 1000,
+                              n_rows, new_tokens)
+            model.last_tokens = ids
+        return ids
+
+    def _decode_setup(self, model: GGUFModel, seqs: Any) -> None:
+        """Point the batch's first len(seqs) slots at those sequences, one token each."""
+        import numpy as np
+
+        k = len(seqs)
+        for j in np.flatnonzero(model.seq_ids[:k] != seqs).tolist():
+            model.batch.seq_id[j][0] = int(seqs[j])
+            model.seq_ids[j] = seqs[j]
+        model.batch.n_tokens = k
+
+    def _record_perf(self, model: GGUFModel, after_prefill: Any, end: Any, host_decode_ms: float,
+                     slept_ms: float, n_rows: int, new_tokens: int) -> None:
+        # llama.cpp files a 1-token decode under t_eval and a multi-token one (a batch > 1) under t_p_eval, so
+        # its decode time is the growth of both counters after the first token
+        llama_decode_ms = (end.t_eval_ms + end.t_p_eval_ms) - (after_prefill.t_eval_ms + after_prefill.t_p_eval_ms)
+        compared_ms = host_decode_ms - slept_ms  # the gate-testing delay is the host's on purpose
+        difference = abs(compared_ms - llama_decode_ms) / max(llama_decode_ms, 1e-9) if new_tokens > 1 else 0.0
+        model.last_perf = {
+            "batch_size": n_rows, "new_tokens": new_tokens,
+            "t_p_eval_ms": end.t_p_eval_ms, "n_p_eval": end.n_p_eval, "t_eval_ms": end.t_eval_ms,
+            "n_eval": end.n_eval, "prefill_ms": after_prefill.t_p_eval_ms + after_prefill.t_eval_ms,
+            "llama_decode_ms": llama_decode_ms, "host_decode_ms": host_decode_ms, "injected_delay_ms": slept_ms,
+            "relative_difference": difference,
+        }
+        model.perf_unverified.append(model.last_perf)
+        model.perf_differences.append(difference)
+
+    def logits(self, model: GGUFModel, ids: list[int]) -> Any:
+        import numpy as np
+        import torch
+
+        n = len(ids)
+        self._ensure_context(model, n_seq=1, n_ctx_seq=n)
+        self._clear(model)
+        out = self._decode(model, np.asarray(ids, dtype=np.int32), np.arange(n, dtype=np.int32),
+                           np.zeros(n, dtype=np.int32), np.ones(n, dtype=np.int8))
+        return torch.from_numpy(out)
+
+    # ---- checks and records -------------------------------------------------------------------------
+
+    def verify(self, model: GGUFModel, generated: bool) -> None:
+        if not generated or not model.perf_unverified:
+            return
+        calls, model.perf_unverified = model.perf_unverified, []
+        difference = statistics.median(c["relative_difference"] for c in calls)
+        tolerance = self.params["perf_tolerance"]
+        if difference > tolerance:
+            host = statistics.median(c["host_decode_ms"] - c["injected_delay_ms"] for c in calls)
+            engine = statistics.median(c["llama_decode_ms"] for c in calls)
+            raise RuntimeError(
+                f"llama.cpp's own decode time ({engine:.2f} ms, llama_perf_context) and the suite's "
+                f"({host:.2f} ms) differ: median relative difference {100 * difference:.1f}% over {len(calls)} "
+                f"generate() calls at batch size {calls[-1]['batch_size']}, more than {100 * tolerance:.0f}% "
+                "(perf_tolerance): the ""suite's decode figure would not measure llama.cpp")
+
+    def describe(self, model: GGUFModel) -> dict[str, Any]:
+        import llama_cpp
+
+        if model.tokenizer_parity is None:
+            model.tokenizer_parity = tokenizer_parity(model)
+        context = model.context
+        sha256 = model.sidecar.get("sha256") or file_sha256(model.path)
+        differences = model.perf_differences
+        return {
+            **super().describe(model),
+            "qtype": self.params["qtype"] if not self.params["file"] else None,
+            "model_desc": _model_desc(model.llama_model),
+            "file": str(model.path),
+            "file_size_bytes": model.path.stat().st_size,
+            "sha256_prefix": sha256[:16],
+            "vocab": model.vocab_kind,
+            "tokenizer_parity": model.tokenizer_parity,
+            "n_gpu_layers": model.n_gpu_layers,
+            "flash_attn": self.params["flash_attn"],
+            "n_batch": llama_cpp.llama_n_batch(context),
+            "n_ubatch": llama_cpp.llama_n_ubatch(context),
+            "n_threads": llama_cpp.llama_n_threads(context),
+            "n_threads_batch": llama_cpp.llama_n_threads_batch(context),
+            "n_seq_max": model.n_seq_max,
+            "n_ctx_per_seq": model.n_ctx_seq,
+            "llama_cpp_python": version("llama_cpp_python"),
+            "convert_s": model.sidecar.get("convert_s"),
+            "quantize_s": model.sidecar.get("quantize_s"),
+            "perf_check": {"calls": len(differences),
+                           "mean_relative_difference": statistics.fmean(differences) if differences else None,
+                           "tolerance": self.params["perf_tolerance"], "last": model.last_perf},
+        }
+
+
+def tokenizer_parity(model: GGUFModel) -> dict[str, Any]:
+    """Compare the source's Hugging Face tokenizer with llama.cpp's on held-out text; say why when not compared."""
+    import llama_cpp
+
+    if model.vocab_kind == "placeholder":
+        return {"status": "not compared", "reason": "the GGUF vocabulary is a placeholder (no SentencePiece "
+                "tokenizer in the source); the suite feeds token ids"}
+    folder = model.source
+    if folder is None or not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model",
+                                                                   "tokenizer_config.json")):
+        return {"status": "not compared", "reason": "no Hugging Face tokenizer beside the model"}
+    from transformers import AutoTokenizer
+
+    from harness.corpus import split
+
+    text = split().heldout[:PARITY_CHARS]
+    reference = list(AutoTokenizer.from_pretrained(str(folder))(text, add_special_tokens=True)["input_ids"])
+    encoded = text.encode("utf-8")
+    buffer = (llama_cpp.llama_token * (len(encoded) + 16))()
+    n = llama_cpp.llama_tokenize(model.vocab, encoded, len(encoded), buffer, len(buffer), True, False)
+    if n < 0:
+        return {"status": "error", "reason": f"llama_tokenize needed {-n} tokens, more than the buffer"}
+    ours = list(buffer[:n])
+    first = next((i for i, (a, b) in enumerate(zip(reference, ours, strict=False)) if a != b),
+                 None if len(reference) == len(ours) else min(len(reference), len(ours)))
+    return {"status": "match" if first is None else "mismatch", "characters": len(text),
+            "hf_tokens": len(reference), "llama_cpp_tokens": len(ours), "first_difference": first}
+
+
+def _meta(llama_model: Any, key: str) -> str | None:
+    import llama_cpp
+
+    buffer = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(llama_model, key.encode(), buffer, len(buffer))
+    return buffer.value.decode() if n >= 0 else None
+
+
+def _model_desc(llama_model: Any) -> str:
+    import llama_cpp
+
+    buffer = ctypes.create_string_buffer(256)
+    llama_cpp.llama_model_desc(llama_model, buffer, len(buffer))
+    return buffer.value.decode()
+
+
+def _free_context(model: GGUFModel) -> None:
+    import llama_cpp
+
+    if model.batch is not None:
+        llama_cpp.llama_batch_free(model.batch)
+        model.batch = None
+    if model.context is not None:
+        llama_cpp.llama_free(model.context)
+        model.context = None
+
+
+def _log(message: str) -> None:
+    import sys
+
+    print(f"[gguf] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,202 @@
+"""The gguf backend: conversion, quantization, cache, logits against the HF model, batched decoding."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the 'gguf' extra)")
+pytest.importorskip("gguf", reason="the gguf package is not installed (the 'gguf' extra)")
+
+import torch  # noqa: E402
+
+from harness import embedded  # noqa: E402
+from harness.config import AccuracyConfig, MatrixError  # noqa: E402
+from harness.gguf import GGUFError, check_gguf, gguf_file, read_sidecar  # noqa: E402
+from harness.measure.accuracy import perplexity  # noqa: E402
+from harness.measure.throughput import TimingStreamer  # noqa: E402
+from harness.methods.gguf import GGUFMethod  # noqa: E402
+
+QTYPES = ("f16", "q8_0", "q4_0", "q4_K_M", "q5_K_M")
+
+
+@pytest.fixture(scope="module")
+def embedded_folder():
+    return embedded.build(log=lambda message: None)  # the default cache: trained once per machine
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, embedded_folder):
+    """A private QUANTBENCH_CACHE for GGUF files and the synthetic model (the embedded one is already built)."""
+    root = tmp_path_factory.mktemp("gguf-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QUANTBENCH_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(cache):
+    from harness.models import synthetic_folder
+
+    return synthetic_folder("tiny-test", 0, log=lambda message: None)
+
+
+def load(folder, **params):
+    method = GGUFMethod({"perf_tolerance": 1.0, **params}, "cpu")
+    return method, method.load(str(folder))
+
+
+def hf_logits(folder, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def random_ids(vocab, n=160, seed=0):
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_each_qtype_converts_loads_and_gives_logits(tiny_folder, qtype):
+    method, model = load(tiny_folder, qtype=qtype)
+    logits = method.logits(model, random_ids(1024, n=40))
+    assert logits.shape == (40, 1024) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    info = method.describe(model)
+    assert info["qtype"] == qtype and info["vocab"] == "placeholder"
+    assert info["tokenizer_parity"]["status"] == "not compared"
+    assert info["n_gpu_layers"] == 0 and info["file_size_bytes"] == read_sidecar(model.path)["size"]
+    assert info["convert_s"] > 0 and (info["quantize_s"] > 0) == (qtype != "f16")
+
+
+@pytest.mark.parametrize("which", ["tiny", "embedded"])
+def test_f16_logits_match_the_hf_fp32_model(which, tiny_folder, embedded_folder):
+    """Validates the conversion, the q/k permutation above all: f16 weights change logits only slightly."""
+    folder = tiny_folder if which == "tiny" else embedded_folder
+    method, model = load(folder, qtype="f16")
+    ids = random_ids(model.n_vocab)
+    ours, reference = method.logits(model, ids), hf_logits(folder, ids)
+    assert (ours - reference).abs().max().item() < 0.005 * reference.abs().max().item()
+    assert (ours.argmax(-1) == reference.argmax(-1)).float().mean().item() > 0.99
+
+
+@pytest.mark.parametrize("which", ["tiny", "embedded"])
+def test_without_the_permutation_logits_diverge(which, tiny_folder, embedded_folder, tmp_path, monkeypatch):
+    """The check above can fail: the same conversion without llama.cpp's q/k permutation is off."""
+    import harness.gguf as conversion
+
+    folder = tiny_folder if which == "tiny" else embedded_folder
+    monkeypatch.setattr(conversion, "permute", lambda weights, n_head, n_head_kv: weights)
+    unpermuted = tmp_path / "unpermuted.gguf"
+    conversion.convert_to_gguf(folder, unpermuted, log=lambda message: None)
+    method, model = load(folder, file=str(unpermuted))
+    ids = random_ids(model.n_vocab)
+    ours, reference = method.logits(model, ids), hf_logits(folder, ids)
+    assert (ours - reference).abs().max().item() > 0.01 * reference.abs().max().item()
+
+
+def test_q8_0_perplexity_is_close_to_hf_fp32(embedded_folder):
+    from transformers import AutoTokenizer
+
+    from harness.models import heldout_ids
+
+    ids = heldout_ids(AutoTokenizer.from_pretrained(embedded_folder))[:1024]
+    accuracy = AccuracyConfig(context_tokens=256, stride=128, max_eval_tokens=1024)
+    reference = perplexity(lambda window: hf_logits(embedded_folder, window), ids, accuracy).ppl
+    method, model = load(embedded_folder, qtype="q8_0")
+    ours = perplexity(lambda window: method.logits(model, window), ids, accuracy).ppl
+    assert abs(ours / reference - 1) < 0.03, (ours, reference)
+
+
+def test_tokenizer_parity_is_recorded(embedded_folder):
+    method, model = load(embedded_folder, qtype="q8_0")
+    parity = method.describe(model)["tokenizer_parity"]
+    assert parity["status"] == "match", parity
+    assert parity["hf_tokens"] == parity["llama_cpp_tokens"] > 100
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_batched_rows_equal_rows_generated_alone(embedded_folder, qtype):
+    method, model = load(embedded_folder, qtype=qtype)
+    rows = [random_ids(model.n_vocab, n=24, seed=seed) for seed in range(4)]
+    streamer = TimingStreamer()
+    method.generate(model, rows, 12, streamer)
+    batched = model.last_tokens
+    assert batched.shape == (4, 12) and len(streamer.times) == 12 + 1
+    for i, row in enumerate(rows):
+        method.generate(model, [row], 12, None)
+        assert model.last_tokens.shape == (1, 12)
+        assert model.last_tokens[0].tolist() == batched[i].tolist(), f"row {i}"
+
+
+def test_perf_counters_are_recorded_and_checked(embedded_folder):
+    method, model = load(embedded_folder, qtype="q4_K_M")
+    method.generate(model, [random_ids(model.n_vocab, n=32)] * 2, 16, None)
+    perf = model.last_perf
+    assert perf["n_p_eval"] >= 2 * 32 and perf["llama_decode_ms"] > 0 and perf["host_decode_ms"] > 0
+    assert method.describe(model)["perf_check"]["mean_relative_difference"] == perf["relative_difference"]
+    method.verify(model, generated=True)  # perf_tolerance 1.0 here
+    method.params["perf_tolerance"] = 1e-9
+    method.generate(model, [random_ids(model.n_vocab, n=32)], 16, None)
+    with pytest.raises(RuntimeError, match=r"llama.cpp's own decode time \(.* ms, llama_perf_context\) and "
+                                           r"the suite's \(.* ms\) differ: median relative difference"):
+        method.verify(model, generated=True)
+
+
+def test_cache_is_reused_and_a_truncated_file_rebuilt(tiny_folder):
+    logs = []
+    path = gguf_file(tiny_folder, "q4_0", log=logs.append)
+    mtime = path.stat().st_mtime_ns
+    logs.clear()
+    assert gguf_file(tiny_folder, "q4_0", log=logs.append) == path
+    assert path.stat().st_mtime_ns == mtime and any("cached" in line for line in logs)
+    assert not any("quantizing" in line for line in logs)
+
+    size = path.stat().st_size
+    os.truncate(path, size // 2)
+    logs.clear()
+    assert gguf_file(tiny_folder, "q4_0", log=logs.append) == path
+    assert any("unusable" in line and "size" in line for line in logs), logs
+    assert path.stat().st_size == size and read_sidecar(path)["size"] == size
+    check_gguf(path)
+
+
+def test_bad_inputs_name_the_thing(tiny_folder, tmp_path):
+    missing = tmp_path / "missing.gguf"
+    with pytest.raises(GGUFError, match="missing.gguf"):
+        load(tiny_folder, file=str(missing))
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 not a gguf file")
+    with pytest.raises(GGUFError, match="weights.gguf.* is not a GGUF file"):
+        load(tiny_folder, file=str(not_gguf))
+    with pytest.raises(MatrixError, match=r"methods\.bad\.qtype: expected one of .*q4_K_M.*got 'q3_K'"):
+        GGUFMethod.validate({"qtype": "q3_K"}, "matrix.toml: methods.bad")
+    with pytest.raises(GGUFError, match="unknown GGUF qtype 'q3_K'; supported: f16, q8_0"):
+        gguf_file(tiny_folder, "q3_K")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(GGUFError, match="architecture 'gpt2' is not supported.*supported: llama, mistral"):
+        load(gpt2, qtype="q8_0")
+
+
+def test_end_to_end_through_the_worker(tiny_job, cache):
+    from harness.isolation import run_isolated
+
+    job = tiny_job(method_class="harness.methods.gguf:GGUFMethod", batch_sizes=(1, 4))
+    job["method"] = {"name": "gguf-q8_0", "backend": "gguf",
+                     "params": {"qtype": "q8_0", "n_threads": 1, "perf_tolerance": 1.0}}
+    outcome = run_isolated(job, timeout_s=120, env={"QUANTBENCH_CACHE": str(cache)})
+    assert outcome.status == "ok", outcome.reason or outcome.log_tail
+    per_model = outcome.result(None)
+    assert per_model.figures["ppl"].value > 1
+    assert per_model.details["method"]["perf_check"] is not None
+    assert per_model.details["batch_consistency"]["consistent"] is True  # greedy(): rows of different lengths
+    for batch_size in (1, 4):
+        cell = outcome.result(batch_size)
+        assert cell.error is None and cell.figures["decode_tokens_per_s"].value > 0
+        assert cell.details["method"]["n_seq_max"] >= batch_size
+    assert Path(per_model.details["method"]["file"]).is_relative_to(cache)
