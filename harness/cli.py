@@ -1,4 +1,4 @@
-"""Command line (`quantbench ...` or `python -m harness.cli ...`): compare, keys, build-embedded, build-synthetic."""
+"""Command line (`quantbench ...` or `python -m harness.cli ...`): compare, report, import-results, keys, build-*."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("key_a")
     cmp.add_argument("key_b")
     cmp.add_argument("--metrics", default=None, help="comma-separated metrics to show (default: all)")
+    rep = sub.add_parser("report", help="markdown and self-contained HTML with plots for one or more hardware keys")
+    rep.add_argument("keys", nargs="+", help="hardware keys; with two or more, the first two are compared")
+    rep.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report)")
     imp = sub.add_parser("import-results", help="merge the figures of a run's results file (*.jsonl) into the "
                          "baselines of the hardware that produced them")
     imp.add_argument("results", nargs="+", type=Path)
@@ -34,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         metrics = args.metrics.split(",") if args.metrics else None
         try:
             print(compare_hardware(store, args.key_a, args.key_b, metrics))
+        except KeyError as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 2
+    elif args.command == "report":
+        from harness.report import write_report
+
+        try:
+            for path in write_report(store, args.keys, args.out):
+                print(path)
         except KeyError as exc:
             print(f"error: {exc.args[0]}", file=sys.stderr)
             return 2

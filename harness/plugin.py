@@ -330,6 +330,12 @@ class QuantBench:
         path.write_text(json.dumps({"schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.run_id,
                                     "matrix": str(self.matrix_path), "records": self.records}, indent=1))
         terminalreporter.write_line(f"results: {path} (figures with provenance: {self.run_id}-*.jsonl)")
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            from harness.report import step_summary
+
+            with open(summary, "a", encoding="utf-8") as handle:
+                handle.write(step_summary(self.records))
 
 
 @pytest.fixture

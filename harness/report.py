@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from harness.baselines import BaselineStore
@@ -55,3 +56,152 @@ def compare_hardware(store: BaselineStore, key_a: str, key_b: str, metrics: list
     if not rows:
         return f"{key_a} and {key_b} share no cells"
     return _table(["cell", "metric", key_a, key_b, "B/A", "unit"], rows)
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the points no other point beats on both axes (lower x and lower y are better)."""
+    front = []
+    for name, x, y in points:
+        if not any((ox <= x and oy <= y) and (ox < x or oy < y) for _, ox, oy in points):
+            front.append(name)
+    return front
+
+
+def _cells_by_method(cells: dict[str, Any], model: str) -> dict[str, dict[int | None, Any]]:
+    by_method: dict[str, dict[int | None, Any]] = {}
+    for cell in cells.values():
+        by_method.setdefault(cell.method, {})[cell.batch_size] = cell
+    return by_method
+
+
+def _figure(cell: Any, name: str) -> float | None:
+    return cell.figures[name].value if cell is not None and name in cell.figures else None
+
+
+def _model_markdown(key: str, model: str, by_method: dict[str, dict[int | None, Any]]) -> str:
+    sizes = sorted({b for cells in by_method.values() for b in cells if b is not None})
+    memory = "peak_vram_mib" if any(_figure(c, "peak_vram_mib") for m in by_method.values() for c in m.values()) \
+        else "peak_rss_mib"
+    header = ["method", "ppl", "ppl ratio", "KLD mean", "top-1"] + [f"decode b{b}" for b in sizes]
+    header.append(f"{memory} b{sizes[0]}" if sizes else memory)
+    lines = [f"### {model} on {key}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, cells in sorted(by_method.items()):
+        per_model = cells.get(None)
+        row = [method] + [_num(_figure(per_model, n)) for n in ("ppl", "ppl_ratio", "kld_mean", "top1_agreement")]
+        for b in sizes:
+            cell = cells.get(b)
+            value = _figure(cell, "decode_tokens_per_s")
+            spread = cell.figures["decode_tokens_per_s"].relative_spread if value else 0
+            row.append(f"{value:.1f} ±{100 * spread:.1f}%" if value else "-")
+        row.append(_num(_figure(cells.get(sizes[0]) if sizes else None, memory)))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _plots(key: str, model: str, by_method: dict[str, dict[int | None, Any]]) -> list[tuple[str, bytes]]:
+    """PNG plots: decode tokens/s against batch size, and memory against KL divergence (Pareto front)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = []
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, cells in sorted(by_method.items()):
+        sizes = sorted(b for b in cells if b is not None and _figure(cells[b], "decode_tokens_per_s"))
+        if sizes:
+            ax.plot(sizes, [_figure(cells[b], "decode_tokens_per_s") for b in sizes], marker="o", label=method)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode tokens/s", title=f"{model} on {key}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    plots.append((f"Decode throughput against batch size: {model} on {key}", _png(fig, io, plt)))
+
+    points = []
+    for method, cells in by_method.items():
+        sizes = sorted(b for b in cells if b is not None)
+        memory = _figure(cells.get(sizes[0]), "peak_vram_mib") if sizes else None
+        memory = memory or (_figure(cells.get(sizes[0]), "peak_rss_mib") if sizes else None)
+        kld = _figure(cells.get(None), "kld_mean")
+        if memory is not None and kld is not None:
+            points.append((method, memory, kld))
+    if points:
+        front = set(pareto_front(points))
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, x, y in points:
+            ax.scatter(x, max(y, 1e-7), color="tab:red" if name in front else "tab:gray")
+            ax.annotate(name, (x, max(y, 1e-7)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(yscale="log", xlabel="peak memory at the smallest batch (MiB)", ylabel="mean KL divergence (nats)",
+               title=f"Memory against accuracy loss: {model} on {key} (red: Pareto front)")
+        ax.grid(True, alpha=0.3)
+        plots.append((f"Memory against KL divergence: {model} on {key}", _png(fig, io, plt)))
+    return plots
+
+
+def _png(fig: Any, io: Any, plt: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(store: BaselineStore, keys: list[str], out_dir: Path) -> tuple[Path, Path]:
+    """Write report.md and a self-contained report.html (plots inlined) for the given hardware keys."""
+    import base64
+    import html
+
+    known = set(store.hardware_keys())
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise KeyError(f"no baselines for hardware key(s) {', '.join(unknown)} in {store.root}; "
+                       f"known: {', '.join(sorted(known))}")
+    sections_md = ["# quantbench report", ""]
+    sections_html = ["<h1>quantbench report</h1>"]
+    for key in keys:
+        for model in sorted(p.stem for p in (store.root / key).glob("*.json")):
+            by_method = _cells_by_method(store.load(key, model), model)
+            table = _model_markdown(key, model, by_method)
+            sections_md += [table, ""]
+            sections_html.append(_markdown_table_html(table, html))
+            for title, png in _plots(key, model, by_method):
+                data = base64.b64encode(png).decode()
+                sections_html.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+                                     f"<figcaption>{html.escape(title)}</figcaption></figure>")
+    if len(keys) >= 2:
+        comparison = compare_hardware(store, keys[0], keys[1], ["decode_tokens_per_s", "prefill_tokens_per_s"])
+        sections_md += [f"## {keys[1]} against {keys[0]}", "", "```", comparison, "```", ""]
+        sections_html.append(f"<h2>{html.escape(keys[1])} against {html.escape(keys[0])}</h2>"
+                             f"<pre>{html.escape(comparison)}</pre>")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    md_path.write_text("\n".join(sections_md), encoding="utf-8")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}figure{margin:1em 0}")
+    html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>quantbench report</title>"
+                         f"<style>{style}</style></head><body>{''.join(sections_html)}</body></html>",
+                         encoding="utf-8")
+    return md_path, html_path
+
+
+def _markdown_table_html(table: str, html: Any) -> str:
+    lines = table.splitlines()
+    title = html.escape(lines[0].lstrip("# "))
+    rows = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in lines[2:] if line.strip()]
+    header, body = rows[0], rows[2:]
+    head = "".join(f"<th>{c}</th>" for c in header)
+    cells = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
+    return f"<h3>{title}</h3><table><tr>{head}</tr>{cells}</table>"
+
+
+def step_summary(records: list[dict[str, Any]]) -> str:
+    """The run's gated figures as a GitHub Actions step summary (markdown)."""
+    rows = ["| cell | metric | value | baseline | worse by | status |", "|---|---|---:|---:|---:|---|"]
+    for record in sorted(records, key=lambda r: r["cell"]):
+        for name, fig in sorted(record["figures"].items()):
+            change = fig.get("change")
+            rows.append(f"| `{record['cell']}` | {name} | {_num(fig['value'])} | {_num(fig.get('baseline'))} | "
+                        f"{'-' if change is None else f'{100 * change:+.1f}%'} | {record['status']} |")
+    regressed = sum(r["status"] == "regressed" for r in records)
+    return f"## quantbench\n\n{len(records)} gated results, {regressed} regressed.\n\n" + "\n".join(rows) + "\n"

@@ -66,3 +66,40 @@ def test_a_hub_model_that_cannot_be_reached_says_what_to_do(monkeypatch, tmp_pat
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelError, match="model 'llama': hub id 'meta-llama/Llama-2-7b-hf' could not be resolved"):
         resolve(ModelSpec(name="llama", source="hub", hub_id="meta-llama/Llama-2-7b-hf"))
+
+
+def test_the_report_has_tables_and_inline_plots_for_each_key(tmp_path, capsys):
+    store = BaselineStore(tmp_path)
+    for key, speed in (("gpu-a", 100.0), ("gpu-b", 180.0)):
+        results = []
+        for method, kld in (("fp16", 0.0), ("nf4", 0.01)):
+            per_model = CellResult(method=method, model="m", batch_size=None,
+                                   figures={"ppl": Figure(10.0), "kld_mean": Figure(kld)})
+            results.append(per_model)
+            for batch, factor in ((1, 1), (8, 6)):
+                results.append(CellResult(method=method, model="m", batch_size=batch, figures={
+                    "decode_tokens_per_s": Figure(speed * factor, 1.0),
+                    "peak_vram_mib": Figure(1000.0 if method == "fp16" else 400.0)}))
+        store.merge(key, results)
+    assert main(["--baselines-dir", str(tmp_path), "report", "gpu-a", "gpu-b", "--out", str(tmp_path / "r")]) == 0
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "### m on gpu-a" in markdown and "| nf4 | 10 | - | 0.01 | - | 100.0 ±1.0% | 600.0 ±0.2% | 400 |" in markdown
+    assert "1.800" in markdown  # gpu-b decodes 1.8x faster
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 4  # two plots per key
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
+    from harness.report import pareto_front
+
+    points = [("fp16", 1000, 0.0), ("nf4", 400, 0.01), ("fp4", 400, 0.02), ("int8", 700, 0.001), ("bad", 900, 0.05)]
+    assert pareto_front(points) == ["fp16", "nf4", "int8"]
+
+
+def test_the_step_summary_lists_every_gated_figure():
+    from harness.report import step_summary
+
+    text = step_summary([{"cell": "fp16|m|b1", "status": "regressed",
+                          "figures": {"decode_tokens_per_s": {"value": 90.0, "baseline": 100.0, "change": 0.1}}}])
+    assert "1 gated results, 1 regressed" in text
+    assert "| `fp16|m|b1` | decode_tokens_per_s | 90 | 100 | +10.0% | regressed |" in text
