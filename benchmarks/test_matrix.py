@@ -18,8 +18,8 @@ def test_decode(quantbench, request, qb_cell, benchmark):
 
 
 def test_memory(quantbench, request, qb_cell):
-    """Peak device memory (torch allocator and NVML) and host RSS while this batch size ran."""
-    quantbench.check(request, qb_cell, ["peak_vram_mib", "peak_nvml_mib", "peak_rss_mib"])
+    """Peak device memory (torch allocator and NVML) and host memory while this batch size ran."""
+    quantbench.check(request, qb_cell, ["peak_vram_mib", "peak_nvml_mib", "peak_anon_rss_mib", "peak_rss_mib"])
 
 
 def test_load(quantbench, request, qb_model_cell):

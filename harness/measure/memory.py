@@ -33,6 +33,22 @@ class _Sampler(threading.Thread):
         return max(self.peak, self.read())
 
 
+def _anon_rss_reader() -> Any | None:
+    """A function reading RssAnon from /proc/self/status (Linux), in bytes."""
+    status = "/proc/self/status"
+    if not os.path.exists(status):
+        return None
+
+    def read() -> int:
+        with open(status, encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    return read
+
+
 def _rss_reader() -> Any:
     import psutil
 
@@ -72,8 +88,10 @@ def nvml_reader() -> tuple[Any, str] | None:
 def track_memory(device: str) -> Iterator[dict[str, Any]]:
     """Yield a dict that receives peak memory Figures (MiB) for the block, and the NVML scope used."""
     out: dict[str, Any] = {}
-    rss = _Sampler(_rss_reader())
-    samplers = {"peak_rss_mib": rss}
+    samplers = {"peak_rss_mib": _Sampler(_rss_reader())}
+    anon = _anon_rss_reader()
+    if anon is not None:
+        samplers["peak_anon_rss_mib"] = _Sampler(anon)
     if device == "cuda":
         import torch
 
