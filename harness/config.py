@@ -158,11 +158,9 @@ def _fields_of(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _check_type(where: str, value: Any, expected: type | tuple[type, ...]) -> Any:
+    types = expected if isinstance(expected, tuple) else (expected,)
     # bool is an int in Python; a `true` where a count is expected is still a mistake.
-    if isinstance(value, bool) and expected is not bool and bool not in (expected if isinstance(expected, tuple)
-                                                                          else (expected,)):
-        raise MatrixError(f"{where}: expected {_type_name(expected)}, got {value!r}")
-    if not isinstance(value, expected):
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in types):
         raise MatrixError(f"{where}: expected {_type_name(expected)}, got {value!r}")
     return value
 

@@ -36,7 +36,8 @@ def cpu_model() -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _nvml() -> Any | None:
+def nvml() -> Any | None:
+    """The initialised pynvml module, or None where there is no NVIDIA driver."""
     try:
         import pynvml
 
@@ -48,32 +49,32 @@ def _nvml() -> Any | None:
 
 def gpu_info(index: int = 0) -> dict[str, Any] | None:
     """Name, memory, driver and compute capability of GPU `index` through NVML, without a CUDA context."""
-    nvml = _nvml()
-    if nvml is None:
+    lib = nvml()
+    if lib is None:
         return None
     try:
-        if index >= nvml.nvmlDeviceGetCount():
+        if index >= lib.nvmlDeviceGetCount():
             return None
-        handle = nvml.nvmlDeviceGetHandleByIndex(_physical_index(index))
-        name = nvml.nvmlDeviceGetName(handle)
-        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        handle = lib.nvmlDeviceGetHandleByIndex(physical_index(index))
+        name = lib.nvmlDeviceGetName(handle)
+        memory = lib.nvmlDeviceGetMemoryInfo(handle)
+        major, minor = lib.nvmlDeviceGetCudaComputeCapability(handle)
         info = {
             "name": name.decode() if isinstance(name, bytes) else name,
             "memory_mib": memory.total // 2**20,
-            "driver": _decode(nvml.nvmlSystemGetDriverVersion()),
-            "cuda_driver": nvml.nvmlSystemGetCudaDriverVersion_v2(),
+            "driver": _decode(lib.nvmlSystemGetDriverVersion()),
+            "cuda_driver": lib.nvmlSystemGetCudaDriverVersion_v2(),
             "compute_capability": f"{major}.{minor}",
-            "uuid": _decode(nvml.nvmlDeviceGetUUID(handle)),
-            "count": nvml.nvmlDeviceGetCount(),
+            "uuid": _decode(lib.nvmlDeviceGetUUID(handle)),
+            "count": lib.nvmlDeviceGetCount(),
         }
         try:
-            info["max_memory_clock_mhz"] = nvml.nvmlDeviceGetMaxClockInfo(handle, nvml.NVML_CLOCK_MEM)
-            info["memory_bus_width_bits"] = nvml.nvmlDeviceGetMemoryBusWidth(handle)
-        except nvml.NVMLError:
+            info["max_memory_clock_mhz"] = lib.nvmlDeviceGetMaxClockInfo(handle, lib.NVML_CLOCK_MEM)
+            info["memory_bus_width_bits"] = lib.nvmlDeviceGetMemoryBusWidth(handle)
+        except lib.NVMLError:
             pass
         return info
-    except nvml.NVMLError:
+    except lib.NVMLError:
         return None
 
 
@@ -81,7 +82,7 @@ def _decode(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _physical_index(index: int) -> int:
+def physical_index(index: int) -> int:
     """Map a CUDA-visible index to NVML's index when CUDA_VISIBLE_DEVICES lists plain numbers."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     parts = [p.strip() for p in visible.split(",") if p.strip()]

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,6 @@ def _looks_like_oom(log: str) -> bool:
 
 def run_isolated(job: dict[str, Any], timeout_s: float, env: dict[str, str] | None = None) -> Outcome:
     """Run `python -m harness.worker` on `job` with a wall-clock limit; never raises for worker failures."""
-    import time
-
     with tempfile.TemporaryDirectory(prefix="quantbench-cell-") as tmp:
         job_path, out_path, log_path = Path(tmp, "job.json"), Path(tmp, "out.json"), Path(tmp, "worker.log")
         job_path.write_text(json.dumps(job))

@@ -67,7 +67,7 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
     return front
 
 
-def _cells_by_method(cells: dict[str, Any], model: str) -> dict[str, dict[int | None, Any]]:
+def _cells_by_method(cells: dict[str, Any]) -> dict[str, dict[int | None, Any]]:
     by_method: dict[str, dict[int | None, Any]] = {}
     for cell in cells.values():
         by_method.setdefault(cell.method, {})[cell.batch_size] = cell
@@ -161,7 +161,7 @@ def write_report(store: BaselineStore, keys: list[str], out_dir: Path) -> tuple[
     sections_html = ["<h1>quantbench report</h1>"]
     for key in keys:
         for model in sorted(p.stem for p in (store.root / key).glob("*.json")):
-            by_method = _cells_by_method(store.load(key, model), model)
+            by_method = _cells_by_method(store.load(key, model))
             table = _model_markdown(key, model, by_method)
             sections_md += [table, ""]
             sections_html.append(_markdown_table_html(table, html))

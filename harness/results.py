@@ -8,8 +8,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.metrics import METRICS
-
 if TYPE_CHECKING:
     from harness.baselines import BaselineStore
 
@@ -87,16 +85,6 @@ class CellResult:
             details=data.get("details", {}),
             error=data.get("error"),
         )
-
-    def to_markdown(self) -> str:
-        """One table row per figure, with unit and spread."""
-        lines = [f"**{self.id}**", "", "| metric | value | spread | unit |", "|---|---:|---:|---|"]
-        for name, fig in sorted(self.figures.items()):
-            unit = METRICS[name].unit if name in METRICS else ""
-            lines.append(f"| {name} | {fig.value:.4g} | {fig.spread:.2g} | {unit} |")
-        if self.error:
-            lines.append(f"\nerror: {self.error}")
-        return "\n".join(lines)
 
 
 def read_results(path: Path) -> list[CellResult]:

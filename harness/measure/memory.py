@@ -62,13 +62,14 @@ def nvml_reader() -> tuple[Any, str] | None:
     The scope is `process` when NVML lists this process (its own usage), else `device` (all usage on the
     GPU: inside containers NVML often cannot see the process's pid).
     """
-    from harness.hardware import _nvml, _physical_index
+    from harness.hardware import nvml as nvml_library
+    from harness.hardware import physical_index
 
-    nvml = _nvml()
+    nvml = nvml_library()
     if nvml is None:
         return None
     try:
-        handle = nvml.nvmlDeviceGetHandleByIndex(_physical_index(0))
+        handle = nvml.nvmlDeviceGetHandleByIndex(physical_index(0))
     except nvml.NVMLError:
         return None
     pid = os.getpid()
