@@ -91,6 +91,20 @@ def physical_index(index: int) -> int:
     return index
 
 
+def worker_gpu_env(worker: str | None, gpu_count: int) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES that pins pytest-xdist worker `gwN` to one GPU (N modulo the GPUs it may use).
+
+    The GPUs it may use are those CUDA_VISIBLE_DEVICES already lists, else all `gpu_count`. Without xdist,
+    or with one GPU, nothing changes: a worker process then sees what the session sees.
+    """
+    visible = [p.strip() for p in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if p.strip()]
+    choices = visible or [str(i) for i in range(gpu_count)]
+    match = re.fullmatch(r"gw(\d+)", worker or "")
+    if match is None or len(choices) <= 1:
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": choices[int(match.group(1)) % len(choices)]}
+
+
 def hardware_key(device: str) -> str:
     """The baseline folder name for `device`: GPU name and memory (`nvidia-h100-80gb-hbm3`), else the CPU.
 

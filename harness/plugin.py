@@ -17,7 +17,7 @@ import pytest
 from harness import hardware
 from harness.baselines import BaselineError, BaselineStore, Tolerances, compare, provenance_mismatch, regressions
 from harness.config import Cell, Matrix, MatrixError, load_matrix
-from harness.hardware import gpu_info, hardware_key
+from harness.hardware import gpu_info, hardware_key, worker_gpu_env
 from harness.isolation import Outcome, run_isolated
 from harness.methods import BACKENDS, method_class
 from harness.results import CellResult, cell_id
@@ -157,9 +157,12 @@ class QuantBench:
         """Run the cell's worker once (all its batch sizes) and keep the outcome for the other tests."""
         if cell.key in self.outcomes:
             return self.outcomes[cell.key]
-        if cell.suite.device == "cuda" and gpu_info() is None:
+        gpu = gpu_info() if cell.suite.device == "cuda" else None
+        if cell.suite.device == "cuda" and gpu is None:
             outcome = Outcome("skipped", "no CUDA GPU on this machine (NVML sees none)")
         else:
+            # under pytest-xdist each worker takes its own GPU, so a matrix spreads over a multi-GPU host
+            env = worker_gpu_env(os.environ.get("PYTEST_XDIST_WORKER"), gpu["count"]) if gpu else {}
             job = {
                 "suite": cell.suite.name,
                 "device": cell.suite.device,
@@ -176,12 +179,12 @@ class QuantBench:
                 job["reference"] = {"method": reference.to_dict(), "role": "compare"}
             outcome = Outcome("ok")
             if cell.model.name not in self.prepared:
-                outcome = run_isolated({**job, "prepare_only": True}, cell.suite.run.cell_timeout_s)
+                outcome = run_isolated({**job, "prepare_only": True}, cell.suite.run.cell_timeout_s, env)
             if outcome.status == "ok":
                 self.prepared.add(cell.model.name)
                 if reference is not None:
-                    self._ensure_reference(cell, job, reference)
-                outcome = run_isolated(job, cell.suite.run.cell_timeout_s)
+                    self._ensure_reference(cell, job, reference, env)
+                outcome = run_isolated(job, cell.suite.run.cell_timeout_s, env)
             self._write_results(cell, outcome)
             if self.update and outcome.results:
                 try:
@@ -193,14 +196,14 @@ class QuantBench:
         self.outcomes[cell.key] = outcome
         return outcome
 
-    def _ensure_reference(self, cell: Cell, job: dict[str, Any], reference: Any) -> None:
+    def _ensure_reference(self, cell: Cell, job: dict[str, Any], reference: Any, env: dict[str, str]) -> None:
         """Have the reference method score the model's evaluation ids once (a worker caches its logits)."""
         key = (cell.suite.name, cell.model.name)
         if key in self.references:
             return
         outcome = run_isolated({**job, "method_class": BACKENDS[reference.backend], "method": reference.to_dict(),
                                 "reference": {"method": reference.to_dict(), "role": "compute"}},
-                               cell.suite.run.cell_timeout_s)
+                               cell.suite.run.cell_timeout_s, env)
         # a failed reference leaves the cells without divergence figures; their details say why
         self.references[key] = f"{outcome.status}: {outcome.reason}" if outcome.status != "ok" else "ok"
 

@@ -37,3 +37,22 @@ def test_the_environment_records_the_libraries_that_decide_a_figure():
     assert "bitsandbytes" in env["packages"]
     info = hardware.machine_info("cpu")
     assert info["hardware_key"].startswith("cpu-") and info["python"]
+
+
+@pytest.mark.parametrize(
+    ("worker", "visible", "count", "pinned"),
+    [
+        ("gw0", "", 2, "0"),
+        ("gw1", "", 2, "1"),
+        ("gw2", "", 2, "0"),          # more workers than GPUs: they share, round robin
+        ("gw1", "4,6", 8, "6"),       # only the GPUs the session may use
+        ("gw3", "GPU-a,GPU-b", 8, "GPU-b"),
+        ("gw1", "", 1, None),         # one GPU: nothing to spread
+        ("main", "", 4, None),        # not under xdist
+        (None, "", 4, None),
+    ],
+)
+def test_xdist_workers_are_pinned_to_one_gpu_each(monkeypatch, worker, visible, count, pinned):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    env = hardware.worker_gpu_env(worker, count)
+    assert env == ({"CUDA_VISIBLE_DEVICES": pinned} if pinned else {})
