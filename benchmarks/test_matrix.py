@@ -27,6 +27,11 @@ def test_load(quantbench, request, qb_model_cell):
     quantbench.check(request, qb_model_cell, ["load_s"])
 
 
+def test_quantize(quantbench, request, qb_model_cell):
+    """What quantizing cost (wall time, peak memory), for methods that quantize in the suite and did so now."""
+    quantbench.check(request, qb_model_cell, ["quantize_s", "quantize_peak_vram_mib", "quantize_peak_anon_rss_mib"])
+
+
 def test_perplexity(quantbench, request, qb_model_cell):
     """Token-level perplexity on the held-out evaluation ids, protocol recorded with the figure."""
     quantbench.check(request, qb_model_cell, ["ppl"])

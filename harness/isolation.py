@@ -31,6 +31,7 @@ class Outcome:
     results: list[CellResult] = field(default_factory=list)
     log_tail: str = ""
     wall_s: float = 0.0
+    prepared: dict[str, Any] | None = None  # a prepare job's record of what it built
 
     def result(self, batch_size: int | None) -> CellResult | None:
         """The result of one batch size (None: the per-model figures), if the worker produced it."""
@@ -77,7 +78,7 @@ def run_isolated(job: dict[str, Any], timeout_s: float, env: dict[str, str] | No
 
     outcome = Outcome(status=data.get("status", "crashed"), reason=data.get("reason"),
                       results=[CellResult.from_dict(r) for r in data.get("results", [])],
-                      log_tail=log_text[-LOG_TAIL_CHARS:], wall_s=wall)
+                      log_tail=log_text[-LOG_TAIL_CHARS:], wall_s=wall, prepared=data.get("prepared"))
     if timed_out:
         outcome.status = "timeout"
         outcome.reason = f"worker still running after {timeout_s:g} s (cell_timeout_s) and was killed"

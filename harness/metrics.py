@@ -42,6 +42,13 @@ METRICS: dict[str, MetricSpec] = {
         # load time swings with the OS page cache (cold disk vs cached weights): only gross changes fail
         MetricSpec("load_s", "s", False, 3.0, "wall time to load (and quantize) the model onto the device",
                    floor=2.0),
+        # quantization cost: measured when the checkpoint is built (a cached checkpoint reports none)
+        MetricSpec("quantize_s", "s", False, 0.50, "wall time of the quantization (GPTQ/AWQ with calibration)",
+                   floor=5.0),
+        MetricSpec("quantize_peak_vram_mib", "MiB", False, 0.10, "torch peak device memory while quantizing",
+                   floor=64.0),
+        MetricSpec("quantize_peak_anon_rss_mib", "MiB", False, 0.25,
+                   "peak anonymous resident memory while quantizing on the CPU", floor=64.0),
         MetricSpec("ppl", "", False, 0.01, "token-level perplexity on the held-out evaluation tokens"),
         MetricSpec("ppl_ratio", "", False, 0.01, "PPL(method) / PPL(reference) on the same ids"),
         MetricSpec("kld_mean", "nats", False, 0.10,

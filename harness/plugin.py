@@ -19,7 +19,7 @@ from harness.baselines import BaselineError, BaselineStore, Tolerances, compare,
 from harness.config import Cell, Matrix, MatrixError, load_matrix
 from harness.hardware import gpu_info, hardware_key, worker_gpu_env
 from harness.isolation import Outcome, run_isolated
-from harness.methods import BACKENDS, method_class
+from harness.methods import BACKENDS, Method, method_class
 from harness.results import CellResult, cell_id
 
 RESULTS_SCHEMA_VERSION = 1
@@ -182,6 +182,12 @@ class QuantBench:
                 outcome = run_isolated({**job, "prepare_only": True}, cell.suite.run.cell_timeout_s, env)
             if outcome.status == "ok":
                 self.prepared.add(cell.model.name)
+                if method_class(cell.method.backend).prepare is not Method.prepare:
+                    # the method builds its checkpoint in a process of its own: the quantization's cost
+                    outcome = run_isolated({**job, "prepare_only": True, "prepare_method": True},
+                                           cell.suite.run.cell_timeout_s, env)
+                    job["prepared"] = outcome.prepared
+            if outcome.status == "ok":
                 if reference is not None:
                     self._ensure_reference(cell, job, reference, env)
                 outcome = run_isolated(job, cell.suite.run.cell_timeout_s, env)
@@ -231,6 +237,12 @@ class QuantBench:
             pytest.fail(f"{ref.id}: {result.error}", pytrace=False)
         wanted = [m for m in metrics if m in result.figures]
         if not wanted:
+            quantization = result.details.get("quantization") or {}
+            if any(m.startswith("quantize_") for m in metrics) and quantization.get("checkpoint"):
+                pytest.skip(f"{ref.id}: quantization not measured in this run: the checkpoint "
+                            + ("is the user's" if quantization.get("user_checkpoint")
+                               else f"came from the cache (built {quantization.get('built_at')}, "
+                                    f"{quantization.get('quantize_s', 0):.1f} s); delete it to measure again"))
             why = result.details.get("reference")
             pytest.skip(f"{ref.id}: {', '.join(metrics)} not measured"
                         + (f": {why}" if isinstance(why, str) else " for this method, device or suite"))

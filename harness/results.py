@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,6 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from harness.baselines import BaselineStore
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinity inside it replaced by None, so strict JSON can hold it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,9 @@ class CellResult:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["figures"] = {name: fig.to_dict() for name, fig in self.figures.items()}
+        # details are diagnostics: a non-finite number there (a gap between two -inf logits) is "no value";
+        # figures stay as measured, and the store refuses a non-finite one by name
+        data["details"] = json_safe(self.details)
         data["id"] = self.id
         return data
 

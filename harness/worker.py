@@ -79,9 +79,22 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
 
     resolved = resolve(ModelSpec(**job["model"]), log=log)
     if job.get("prepare_only"):
-        # building the embedded or synthetic weights happens here, outside the process that is measured
+        # building the embedded or synthetic weights, and a method's checkpoint, happens here, outside the
+        # process that is measured
+        if job.get("prepare_method"):
+            with track_memory(device) as memory:
+                prepared = method.prepare(resolved, seed, log)
+            if prepared is not None:
+                peak = "peak_vram_mib" if device == "cuda" else "peak_anon_rss_mib"
+                if peak in memory:
+                    prepared["peak_mib"] = memory[peak].value
+                    prepared["peak_metric"] = peak
+                out.data["prepared"] = prepared
         out.finish("ok")
         return
+    method.prepared = job.get("prepared")
+    if method.prepared is None:
+        method.prepared = method.prepare(resolved, seed, log)  # nothing was prepared for this job: do it here
     tokenizer = None
     if resolved.has_tokenizer:
         from transformers import AutoTokenizer
@@ -105,6 +118,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         return
 
     model, load_s, load_memory = _load(method, resolved, device)
+    method.warm_up(model)
     base = {
         "method": job["method"]["name"],
         "model": resolved.name,
@@ -124,6 +138,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     model_cell = CellResult(batch_size=None, figures={"load_s": Figure(load_s)}, **base,
                             details={"model": resolved.provenance, "synthetic": resolved.synthetic,
                                      "load_peak_rss_mib": load_memory["peak_rss_mib"].value})
+    _quantization(method.prepared, model_cell, device)
     _accuracy(method, model, model_cell, ids, accuracy, reference, key)
     if run.consistency_tokens:
         model_cell.details["batch_consistency"] = _consistency(method, model, all_ids, run)
@@ -148,6 +163,18 @@ def _load(method: Any, resolved: Any, device: str) -> tuple[Any, float, dict[str
     method.verify(model, generated=False)
     log(f"loaded {resolved.name} in {seconds[0]:.1f} s")
     return model, seconds[0], memory
+
+
+def _quantization(prepared: dict[str, Any] | None, cell: CellResult, device: str) -> None:
+    """The quantization's cost as figures when this run measured it; a cached build's record goes to details."""
+    if not prepared:
+        return
+    cell.details["quantization"] = prepared
+    if prepared.get("fresh") and "quantize_s" in prepared:
+        cell.figures["quantize_s"] = Figure(prepared["quantize_s"])
+        if "peak_mib" in prepared:
+            name = "quantize_peak_vram_mib" if device == "cuda" else "quantize_peak_anon_rss_mib"
+            cell.figures[name] = Figure(prepared["peak_mib"])
 
 
 def _accuracy(method: Any, model: Any, cell: CellResult, ids: list[int], accuracy: AccuracyConfig,
@@ -182,7 +209,8 @@ def _consistency(method: Any, model: Any, all_ids: list[list[int]], run: RunConf
     import torch
 
     try:
-        report = consistency.check(lambda rows, n: method.greedy(model, rows, n), prompts, run.consistency_tokens)
+        report = consistency.check(lambda rows, n: method.greedy(model, rows, n), prompts, run.consistency_tokens,
+                                   logits_dtype=method.logits_dtype(model))
     except NotImplementedError as exc:
         report = {"consistent": None, "reason": f"not checked: {exc}"}
     except torch.OutOfMemoryError as exc:

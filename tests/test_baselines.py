@@ -242,6 +242,15 @@ def test_a_result_that_cannot_be_stored_writes_nothing(store: BaselineStore) -> 
     assert store.path(HW, MODEL).read_bytes() == before
 
 
+def test_a_non_finite_diagnostic_is_stored_as_null(store: BaselineStore) -> None:
+    cell = make_cell()
+    cell.details["batch_consistency"] = {"rows": [{"batched_logit_gap": float("nan"), "margin": float("inf")}]}
+    store.merge(HW, [cell])
+    row = stored(store)["cells"][KEY]["details"]["batch_consistency"]["rows"][0]
+    assert row == {"batched_logit_gap": None, "margin": None}
+    assert store.load(HW, MODEL)[KEY].figures["ppl"].value == 7.25
+
+
 def test_an_interrupted_write_leaves_the_old_file(store: BaselineStore,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     store.merge(HW, [make_cell()])

@@ -62,3 +62,46 @@ def test_a_near_tie_flipped_by_batching_is_not_a_failure():
     report = check(model(tie_at=2), PROMPTS, 8)
     assert report["consistent"]
     assert report["rows"][1]["tie"] and report["rows"][1]["first_divergence"] == 2
+
+
+def test_masked_logits_leave_a_finite_gap_or_none():
+    def greedy(rows, n):
+        tokens = [[1] * n if len(rows) == 1 else [2] * n for _ in rows]
+        scores = torch.full((len(rows), n, VOCAB), float("-inf"))  # a processor masked all but two tokens
+        scores[:, :, 1] = 1.0
+        scores[:, :, 2] = 0.99
+        return tokens, scores
+
+    report = check(greedy, [[1, 2], [3]], 4)
+    row = report["rows"][0]
+    assert row["first_divergence"] == 0 and row["tie"]
+    assert row["batched_logit_gap"] == 0.0  # the -inf - -inf entries are left out, not NaN
+
+
+def one_flip(margin, top, gap):
+    """Alone prefers token 1 by `margin` at logit `top`; batched prefers token 2 and moved by `gap`."""
+    def greedy(rows, n):
+        scores = torch.linspace(-3, 3, VOCAB).repeat(len(rows), n, 1)
+        scores[:, :, 1], scores[:, :, 2] = top, top - margin
+        if len(rows) > 1:
+            scores[:, 0, 1], scores[:, 0, 2] = top - margin, top
+            scores[:, 0, 5] += gap
+        return [[1] * n if len(rows) == 1 else [2] * n for _ in rows], scores
+    return greedy
+
+
+def test_a_flip_within_two_units_of_the_logits_dtype_is_a_tie():
+    greedy = one_flip(margin=0.0625, top=10.0, gap=1.0)  # one bf16 step at 10, but a large move elsewhere
+    bf16 = check(greedy, [[1, 2], [3]], 3, logits_dtype=torch.bfloat16)
+    assert bf16["consistent"] and bf16["rows"][0]["tie"] and bf16["rows"][0]["tie_threshold"] == 0.125
+    fp32 = check(greedy, [[1, 2], [3]], 3)
+    assert not fp32["consistent"] and "tie threshold 0.050" in describe_failure(fp32)
+
+
+def test_batch_variant_numerics_pass_and_a_changed_distribution_fails():
+    small = check(one_flip(margin=0.1, top=5.0, gap=0.0), [[1, 2], [3]], 3)  # only the two candidates moved
+    assert small["consistent"] and small["rows"][0]["close"] and not small["rows"][0]["tie"]
+    large = check(one_flip(margin=0.1, top=5.0, gap=4.0), [[1, 2], [3]], 3)
+    row = large["rows"][0]
+    assert not large["consistent"] and row["relative_gap"] > 1
+    assert "standard deviations > 0.1" in describe_failure(large)

@@ -14,6 +14,7 @@ BACKENDS: dict[str, str] = {
     "torch": "harness.methods.dense:DenseMethod",
     "bnb": "harness.methods.bnb:BitsAndBytesMethod",
     "gguf": "harness.methods.gguf:GGUFMethod",
+    "gptq": "harness.methods.gptq:GPTQMethod",
 }
 
 __all__ = ["BACKENDS", "Method", "MethodUnavailable", "Param", "method_class"]

@@ -35,6 +35,7 @@ class Method(ABC):
         self.params = {name: params.get(name, p.default) for name, p in self.PARAMS.items()}
         self.device = device
         self.inject_delay_ms = 0.0  # testing the gate only: sleep this long per generated token
+        self.prepared: dict[str, Any] | None = None  # what `prepare` returned, handed to the measuring process
 
     @classmethod
     def validate(cls, params: dict[str, Any], where: str) -> None:
@@ -72,9 +73,20 @@ class Method(ABC):
             if not torch.cuda.is_available():
                 raise MethodUnavailable("no CUDA GPU on this machine")
 
+    def prepare(self, resolved: Any, seed: int, log: Any) -> dict[str, Any] | None:
+        """Build what loading needs (a quantized checkpoint) in the prepare process; return its record.
+
+        Runs once per (method, model) in its own process, outside every measured region; its wall time and
+        peak memory become the quantization-cost figures. The default has nothing to build.
+        """
+        return None
+
     @abstractmethod
     def load(self, pretrained: str) -> Any:
         """Load (and quantize) the model from a folder or hub id onto the device; return it in eval mode."""
+
+    def warm_up(self, model: Any) -> None:  # noqa: B027 - most methods have nothing to warm up
+        """Work that happens once after loading (kernels compiled on first use); never timed."""
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Extra `generate()` arguments this method runs with (e.g. a static cache)."""
@@ -122,6 +134,12 @@ class Method(ABC):
                                     output_scores=True, return_dict_in_generate=True, **self.generate_kwargs())
         scores = torch.stack(output.scores, dim=1).float().cpu()
         return output.sequences[:, width:].tolist(), scores
+
+    def logits_dtype(self, model: Any) -> Any:
+        """The dtype the model computes its logits in (its output head's), or None for float32."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        weight = getattr(head, "weight", None)
+        return weight.dtype if weight is not None and weight.is_floating_point() else None
 
     def logits(self, model: Any, ids: list[int]) -> Any:
         """Float32 logits [len(ids), vocab] of one sequence, position p predicting id p + 1."""
