@@ -25,7 +25,7 @@ from typing import Any
 from harness.cache import atomic_directory, atomic_write_text, cache_root, file_lock
 
 Log = Callable[[str], None]
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: a checkpoint always carries a tokenizer (placeholder for synthetic models)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble i of a packed int32 holds output column 8j + AWQ_ORDER[i]
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -278,24 +278,36 @@ def gptqmodel_environment() -> None:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
 
 
+def write_placeholder_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer of `vocab_size` placeholder tokens: GPTQModel opens a tokenizer with every model.
+
+    For models without one (synthetic architectures), which are only ever fed token ids.
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"<t{i}>": i for i in range(vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(words, unk_token="<t0>")),
+                                        unk_token="<t0>", pad_token="<t0>")
+    tokenizer.save_pretrained(folder)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+
+
 def _stage_with_tokenizer(src: Path, stage: Path, vocab_size: int) -> Path:
     """`src` as GPTQModel can open it: its files linked into `stage`, plus a placeholder tokenizer if it has none.
 
     GPTQModel.load always opens a tokenizer; synthetic models have none and are calibrated with ids.
     """
-    if any((src / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+    if _has_tokenizer(src):
         return src
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
     stage.mkdir(parents=True, exist_ok=True)
     for item in src.iterdir():
         (stage / item.name).symlink_to(item.resolve())
-    words = {f"<t{i}>": i for i in range(vocab_size)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(words, unk_token="<t0>")),
-                                        unk_token="<t0>", pad_token="<t0>")
-    tokenizer.save_pretrained(stage)
+    write_placeholder_tokenizer(stage, vocab_size)
     return stage
 
 
@@ -322,11 +334,16 @@ def quantize_gptqmodel(src: Path, spec: QuantSpec, windows: list[list[int]], out
                        for w in windows]
         # AWQ's default packer needs CUDA in 7.6.0; its torch packer writes the same GEMM layout on a CPU
         backend = {"backend": BACKEND.AWQ_TORCH} if spec.format == "awq" and device == "cpu" else {}
-        started = time.perf_counter()
-        stats = model.quantize(calibration, batch_size=1, **backend)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
+        here = os.getcwd()
+        os.chdir(out)  # GPTQModel writes its per-module logs to ./logs: keep them with the checkpoint
+        try:
+            started = time.perf_counter()
+            stats = model.quantize(calibration, batch_size=1, **backend)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+        finally:
+            os.chdir(here)
         model.save(str(out))
     finally:
         if stage != src:
@@ -476,6 +493,8 @@ def quantized_folder(src: Path, spec: QuantSpec, windows: list[list[int]] | None
             for name in TOKENIZER_FILES:
                 if (src / name).is_file() and not (tmp / name).exists():
                     shutil.copy2(src / name, tmp / name)
+            if not _has_tokenizer(tmp):
+                write_placeholder_tokenizer(tmp, json.loads((tmp / "config.json").read_text())["vocab_size"])
             check_checkpoint(tmp)
             sidecar = {"key": key, "source": str(src), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                        "device": device, **stats}

@@ -82,7 +82,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         # building the embedded or synthetic weights, and a method's checkpoint, happens here, outside the
         # process that is measured
         if job.get("prepare_method"):
-            with track_memory(device) as memory:
+            with track_memory(device, method.TORCH_DEVICE) as memory:
                 prepared = method.prepare(resolved, seed, log)
             if prepared is not None:
                 peak = "peak_vram_mib" if device == "cuda" else "peak_anon_rss_mib"
@@ -155,10 +155,16 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     out.finish("ok")
 
 
+def _sync_device(method: Any, device: str) -> str:
+    """The device whose queue timing waits on through torch: none for engines that torch does not drive
+    (their calls return when the work is done, and a torch sync would create a CUDA context of its own)."""
+    return device if method.TORCH_DEVICE else "cpu"
+
+
 def _load(method: Any, resolved: Any, device: str) -> tuple[Any, float, dict[str, Any]]:
     """Load the model through the method; return it, the load time and the memory seen while loading."""
     _import_model_code(resolved.pretrained)
-    with track_memory(device) as memory, timed(device) as seconds:
+    with track_memory(device, method.TORCH_DEVICE) as memory, timed(_sync_device(method, device)) as seconds:
         model = method.load(resolved.pretrained)
     method.verify(model, generated=False)
     log(f"loaded {resolved.name} in {seconds[0]:.1f} s")
@@ -230,9 +236,9 @@ def _throughput(method: Any, model: Any, cell: CellResult, rows: list[list[int]]
         method.generate(model, rows, n, streamer)
 
     try:
-        with track_memory(device) as memory:
-            timing = measure_generation(generate, device, len(rows), run.prompt_tokens, run.new_tokens,
-                                        run.warmup, run.repeats)
+        with track_memory(device, method.TORCH_DEVICE) as memory:
+            timing = measure_generation(generate, _sync_device(method, device), len(rows), run.prompt_tokens,
+                                        run.new_tokens, run.warmup, run.repeats)
     except torch.OutOfMemoryError as exc:
         cell.error = f"out of memory at batch size {len(rows)}: {str(exc).splitlines()[0]}"
         log(cell.error)

@@ -86,18 +86,24 @@ def nvml_reader() -> tuple[Any, str] | None:
 
 
 @contextmanager
-def track_memory(device: str) -> Iterator[dict[str, Any]]:
-    """Yield a dict that receives peak memory Figures (MiB) for the block, and the NVML scope used."""
+def track_memory(device: str, torch_allocator: bool = True) -> Iterator[dict[str, Any]]:
+    """Yield a dict that receives peak memory Figures (MiB) for the block, and the NVML scope used.
+
+    `torch_allocator` False: the block's device memory is not torch's (llama.cpp), so torch is left alone
+    (asking it would create a CUDA context of its own, which NVML would then count) and NVML alone reports.
+    """
     out: dict[str, Any] = {}
     samplers = {"peak_rss_mib": _Sampler(_rss_reader())}
     anon = _anon_rss_reader()
     if anon is not None:
         samplers["peak_anon_rss_mib"] = _Sampler(anon)
-    if device == "cuda":
+    use_torch = device == "cuda" and torch_allocator
+    if use_torch:
         import torch
 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
         reader = nvml_reader()
         if reader is not None:
             samplers["peak_nvml_mib"] = _Sampler(reader[0])
@@ -107,7 +113,7 @@ def track_memory(device: str) -> Iterator[dict[str, Any]]:
     try:
         yield out
     finally:
-        if device == "cuda":
+        if use_torch:
             import torch
 
             torch.cuda.synchronize()

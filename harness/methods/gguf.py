@@ -65,6 +65,7 @@ class GGUFMethod(Method):
     """A GGUF file run by llama.cpp: f16 or one of llama.cpp's quantization types, on CPU or offloaded to GPU."""
 
     NAME = "gguf"
+    TORCH_DEVICE = False  # llama.cpp has its own CUDA runtime and allocator: torch never touches the GPU
     MARKER = "gguf"
     PARAMS = {
         "qtype": Param(str, "q4_K_M", "llama.cpp quantization type of the converted file",

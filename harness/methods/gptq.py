@@ -15,6 +15,11 @@ from harness.methods.base import DTYPES, Method, MethodUnavailable, Param, torch
 from harness.quant import QuantError, QuantSpec, check_checkpoint, gptqmodel_environment, quantized_folder
 
 CUDA_KERNELS = ("marlin", "exllama_v2", "triton", "machete", "gemm", "gemv", "gemv_fast", "gemm_triton")
+# The archived engines: module to import, package name, and the module prefix of their quantized layers.
+LEGACY_ENGINES = {
+    "auto-gptq": ("auto_gptq", "auto-gptq", "auto_gptq.nn_modules.qlinear"),
+    "autoawq": ("awq", "autoawq", "awq.modules"),
+}
 
 
 class GPTQMethod(Method):
@@ -43,14 +48,25 @@ class GPTQMethod(Method):
         "kernel": Param(str, "auto", "GPTQModel BACKEND that runs inference (torch, marlin, exllama_v2, triton, "
                         "machete, gemm, gemv, ...); auto records what GPTQModel picked"),
         "dtype": Param(str, "float16", "dtype of activations and unquantized modules", DTYPES),
+        "engine": Param(str, "gptqmodel", "what loads and runs the checkpoint: gptqmodel, or the archived "
+                        "auto-gptq / autoawq where a legacy environment has them", ("gptqmodel", *LEGACY_ENGINES)),
     }
-
-    @classmethod
-    def requires(cls) -> tuple[str, ...]:
-        return ("gptqmodel",)
 
     def check_available(self) -> None:
         super().check_available()
+        import importlib.util
+
+        engine = self.params["engine"]
+        needed = ["gptqmodel"] if engine == "gptqmodel" or self.params["quantizer"] == "gptqmodel" else []
+        if engine in LEGACY_ENGINES:
+            needed.append(LEGACY_ENGINES[engine][0])
+        for module in needed:
+            if importlib.util.find_spec(module) is None:
+                if module == "gptqmodel":
+                    raise MethodUnavailable("gptqmodel is not installed (install quantbench's 'gptq' extra)")
+                raise MethodUnavailable(
+                    f"{LEGACY_ENGINES[engine][1]} is not installed: it is archived upstream and does not import "
+                    "under transformers 5; run these cells in an environment that satisfies its pins")
         if self.device == "cpu" and self.params["kernel"] in CUDA_KERNELS:
             raise MethodUnavailable(f"kernel {self.params['kernel']!r} needs a CUDA GPU")
 
@@ -95,17 +111,39 @@ class GPTQMethod(Method):
     # ---- loading and running -----------------------------------------------------------------------
 
     def load(self, pretrained: str) -> Any:
+        folder = self.checkpoint(pretrained)
+        self.quantization_config = check_checkpoint(folder)
+        if self.params["engine"] != "gptqmodel":
+            return self._load_legacy(folder).eval()
         gptqmodel_environment()
         from gptqmodel import BACKEND, GPTQModel
 
-        folder = self.checkpoint(pretrained)
-        quant = check_checkpoint(folder)
-        self.quantization_config = quant
         wrapped = GPTQModel.load(str(folder), backend=BACKEND(self.params["kernel"]), device=self.device,
                                  dtype=torch_dtype(self.params["dtype"]))
         model = wrapped.model
         model.eval()
         return model
+
+    def _load_legacy(self, folder: Path) -> Any:
+        """Load through the archived auto-gptq or autoawq with their own loaders (the kernel as they name it)."""
+        kernel = self.params["kernel"]
+        if self.params["engine"] == "auto-gptq":
+            from auto_gptq import AutoGPTQForCausalLM
+
+            wrapped = AutoGPTQForCausalLM.from_quantized(
+                str(folder), device=self.device if self.device == "cpu" else "cuda:0", use_safetensors=True,
+                use_triton=kernel == "triton", use_marlin=kernel == "marlin",
+                disable_exllama=kernel != "exllama", disable_exllamav2=kernel != "exllama_v2")
+        else:
+            from awq import AutoAWQForCausalLM
+
+            wrapped = AutoAWQForCausalLM.from_quantized(str(folder), fuse_layers=False, safetensors=True)
+            wrapped.model.to(self.device)
+        return wrapped.model
+
+    def _layer_prefix(self) -> str:
+        engine = self.params["engine"]
+        return LEGACY_ENGINES[engine][2] if engine in LEGACY_ENGINES else "gptqmodel.nn_modules.qlinear"
 
     def warm_up(self, model: Any) -> None:
         """One forward pass, so kernels that compile on first use (Marlin, ExLlama v2, Triton) do it now."""
@@ -119,28 +157,35 @@ class GPTQMethod(Method):
 
     def kernels(self, model: Any) -> list[str]:
         """Class names of the quantized linear layers as loaded."""
-        return sorted({type(m).__name__ for m in model.modules()
-                       if type(m).__module__.startswith("gptqmodel.nn_modules.qlinear")})
+        prefix = self._layer_prefix()
+        return sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith(prefix)})
 
     def verify(self, model: Any, generated: bool) -> None:
+        layers = [m for m in model.modules() if type(m).__module__.startswith(self._layer_prefix())]
+        if not layers:
+            raise RuntimeError(f"no {self.params['engine']} quantized layer in the loaded model: "
+                               "it was not loaded quantized")
+        if self.params["kernel"] == "auto" or self.params["engine"] != "gptqmodel":
+            return  # the legacy engines name kernels by module class only: `kernels` records which ran
         from gptqmodel import BACKEND
         from gptqmodel.utils.backend import normalize_backend
         from gptqmodel.utils.importer import get_kernel_backends
 
-        layers = [m for m in model.modules() if type(m).__module__.startswith("gptqmodel.nn_modules.qlinear")]
-        if not layers:
-            raise RuntimeError("no GPTQModel quantized layer in the loaded model: it was not loaded quantized")
-        if self.params["kernel"] == "auto":
-            return
         wanted = normalize_backend(BACKEND(self.params["kernel"]), quant_method=self.params["format"])
         fallen = sorted({type(m).__name__ for m in layers if wanted not in get_kernel_backends(type(m))})
         if fallen:
             raise RuntimeError(f"kernel {self.params['kernel']!r} was asked for, but layers run {', '.join(fallen)}")
 
     def describe(self, model: Any) -> dict[str, Any]:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        described = {**super().describe(model), "kernels": self.kernels(model), "gptqmodel": version("gptqmodel"),
+        versions = {}
+        for package in ("gptqmodel", "auto-gptq", "autoawq"):
+            try:
+                versions[package] = version(package)
+            except PackageNotFoundError:
+                continue
+        described = {**super().describe(model), "kernels": self.kernels(model), "versions": versions,
                      "quantization_config": getattr(self, "quantization_config", None)}
         if self.prepared:
             described["checkpoint"] = {k: v for k, v in self.prepared.items() if k != "fresh"}

@@ -1,0 +1,27 @@
+"""Memory tracking: host peaks always; torch is asked only for methods that run on the device through torch."""
+
+import torch
+
+from harness.measure import memory
+from harness.methods.gguf import GGUFMethod
+
+
+def test_host_peaks_are_recorded_on_the_cpu():
+    with memory.track_memory("cpu") as out:
+        block = bytearray(64 * 2**20)  # 64 MiB touched while tracked
+        block[::4096] = b"x" * len(block[::4096])
+    assert out["peak_rss_mib"].value > 64
+    assert "peak_vram_mib" not in out
+
+
+def test_an_engine_with_its_own_runtime_never_touches_torch_cuda(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.cuda was called: it would create a CUDA context of its own")
+
+    for name in ("synchronize", "reset_peak_memory_stats", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, forbidden)
+    monkeypatch.setattr(memory, "nvml_reader", lambda: None)  # no GPU here: NVML would be the only reader
+    with memory.track_memory("cuda", torch_allocator=False) as out:
+        pass
+    assert "peak_vram_mib" not in out and "peak_rss_mib" in out
+    assert GGUFMethod.TORCH_DEVICE is False
