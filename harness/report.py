@@ -7,6 +7,7 @@ from typing import Any
 
 from harness.baselines import BaselineStore
 from harness.metrics import METRICS
+from harness.roofline import efficiency
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -47,15 +48,24 @@ def compare_hardware(store: BaselineStore, key_a: str, key_b: str, metrics: list
         cells_a, cells_b = store.load(key_a, model), store.load(key_b, model)
         for cell in sorted(set(cells_a) & set(cells_b)):
             a, b = cells_a[cell], cells_b[cell]
+            model_key = f"{a.method}|{a.model}"
             for name in sorted(set(a.figures) & set(b.figures)):
                 if metrics and name not in metrics:
                     continue
                 va, vb = a.figures[name].value, b.figures[name].value
                 ratio = vb / va if va else float("nan")
-                rows.append([cell, name, _num(va), _num(vb), f"{ratio:.3f}", METRICS[name].unit])
+                roof = ["-", "-"]
+                if name == "decode_tokens_per_s":
+                    roof = [_percent(efficiency(a, cells_a.get(model_key))),
+                            _percent(efficiency(b, cells_b.get(model_key)))]
+                rows.append([cell, name, _num(va), _num(vb), f"{ratio:.3f}", METRICS[name].unit, *roof])
     if not rows:
         return f"{key_a} and {key_b} share no cells"
-    return _table(["cell", "metric", key_a, key_b, "B/A", "unit"], rows)
+    return _table(["cell", "metric", key_a, key_b, "B/A", "unit", "roofline A", "roofline B"], rows)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
@@ -84,6 +94,9 @@ def _model_markdown(key: str, model: str, by_method: dict[str, dict[int | None, 
         else "peak_rss_mib"
     header = ["method", "ppl", "ppl ratio", "KLD mean", "top-1"] + [f"decode b{b}" for b in sizes]
     header.append(f"{memory} b{sizes[0]}" if sizes else memory)
+    gpu = memory == "peak_vram_mib"
+    if gpu:
+        header += [f"roofline b{b}" for b in sizes]
     lines = [f"### {model} on {key}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, cells in sorted(by_method.items()):
         per_model = cells.get(None)
@@ -94,7 +107,12 @@ def _model_markdown(key: str, model: str, by_method: dict[str, dict[int | None, 
             spread = cell.figures["decode_tokens_per_s"].relative_spread if value else 0
             row.append(f"{value:.1f} ±{100 * spread:.1f}%" if value else "-")
         row.append(_num(_figure(cells.get(sizes[0]) if sizes else None, memory)))
+        if gpu:
+            row += [_percent(efficiency(cells.get(b), per_model)) for b in sizes]
         lines.append("| " + " | ".join(row) + " |")
+    if gpu:
+        lines += ["", "roofline: decode steps/s x weight bytes over the GPU's memory bandwidth (harness/roofline.py; "
+                  "KV-cache reads not counted; '-' where the weight bytes were not recorded)"]
     return "\n".join(lines)
 
 

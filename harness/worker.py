@@ -138,6 +138,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     model_cell = CellResult(batch_size=None, figures={"load_s": Figure(load_s)}, **base,
                             details={"model": resolved.provenance, "synthetic": resolved.synthetic,
                                      "load_peak_rss_mib": load_memory["peak_rss_mib"].value})
+    model_cell.details["weights_bytes"] = method.weights_bytes(model)
     _quantization(method.prepared, model_cell, device)
     _accuracy(method, model, model_cell, ids, accuracy, reference, key)
     if run.consistency_tokens:

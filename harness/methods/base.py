@@ -141,6 +141,16 @@ class Method(ABC):
         scores = torch.stack(output.scores, dim=1).float().cpu()
         return output.sequences[:, width:].tolist(), scores
 
+    def weights_bytes(self, model: Any) -> int | None:
+        """Bytes of the loaded weights (parameters and buffers, packed as stored): what one decode step reads."""
+        seen, total = set(), 0
+        for tensor in [*model.parameters(), *model.buffers()]:
+            key = (tensor.data_ptr(), tensor.numel())
+            if key not in seen:  # tied embeddings count once
+                seen.add(key)
+                total += tensor.numel() * tensor.element_size()
+        return total
+
     def logits_dtype(self, model: Any) -> Any:
         """The dtype the model computes its logits in (its output head's), or None for float32."""
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

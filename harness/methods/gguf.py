@@ -129,6 +129,11 @@ class GGUFMethod(Method):
         self._ensure_context(model, n_seq=1, n_ctx_seq=CONTEXT_ROUND)
         return model
 
+    def weights_bytes(self, model: GGUFModel) -> int | None:
+        import llama_cpp
+
+        return int(llama_cpp.llama_model_size(model.llama_model))
+
     def _ensure_context(self, model: GGUFModel, n_seq: int, n_ctx_seq: int) -> None:
         """Make the context hold `n_seq` sequences of `n_ctx_seq` tokens each, recreating it if it is smaller."""
         if model.context is not None and n_seq <= model.n_seq_max and n_ctx_seq <= model.n_ctx_seq:

@@ -1,0 +1,46 @@
+"""Roofline efficiency: bandwidth from the data sheet or NVML, weight bytes measured or from the architecture."""
+
+import pytest
+
+from harness.models import arch_config
+from harness.results import CellResult, Figure
+from harness.roofline import bandwidth, dense_parameters, efficiency, weights_bytes
+
+
+def test_bandwidth_comes_from_the_data_sheet_then_nvml():
+    assert bandwidth({"name": "NVIDIA H200"})[0] == 4.8e12
+    assert bandwidth({"name": "NVIDIA H100 80GB HBM3"})[0] == 3.35e12
+    assert bandwidth({"name": "NVIDIA A100-SXM4-40GB"})[0] == 1.555e12  # not the A10's 600 GB/s
+    value, source = bandwidth({"name": "Future GPU", "max_memory_clock_mhz": 1000, "memory_bus_width_bits": 512})
+    assert value == 1000e6 * 2 * 64 and source.startswith("NVML")
+    assert bandwidth({"name": "Future GPU"}) is None and bandwidth(None) is None
+
+
+@pytest.mark.parametrize(("arch", "billions"), [("llama-2-7b", 6.738), ("tinyllama-1.1b", 1.100)])
+def test_dense_parameters_match_the_published_counts(arch, billions):
+    assert dense_parameters(arch_config(arch)) / 1e9 == pytest.approx(billions, abs=0.001)
+
+
+def cells(decode, batch, details=None, backend="torch", dtype="float16"):
+    common = {"method": "m", "model": "llama-2-7b-arch", "config": {"method": {"backend": backend,
+              "params": {"dtype": dtype}}}, "hardware": {"gpu": {"name": "NVIDIA H200"}}}
+    model_cell = CellResult(batch_size=None, details={"model": {"arch": "llama-2-7b"}, **(details or {})}, **common)
+    cell = CellResult(batch_size=batch, figures={"decode_tokens_per_s": Figure(decode)}, **common)
+    return cell, model_cell
+
+
+def test_efficiency_is_weight_traffic_over_bandwidth():
+    cell, model_cell = cells(decode=8 * 100.0, batch=8, details={"weights_bytes": 4.8e9})
+    assert efficiency(cell, model_cell) == pytest.approx(100 * 4.8e9 / 4.8e12)  # 100 steps/s read 4.8 GB each
+
+
+def test_unquantized_weights_are_derived_from_the_architecture_when_not_recorded():
+    cell, model_cell = cells(decode=139.0, batch=1)
+    size, source = weights_bytes(model_cell)
+    assert size == dense_parameters(arch_config("llama-2-7b")) * 2 and "float16" in source
+    assert efficiency(cell, model_cell) == pytest.approx(139.0 * size / 4.8e12)
+
+
+def test_quantized_weights_without_a_record_give_no_figure():
+    cell, model_cell = cells(decode=100.0, batch=1, backend="bnb")
+    assert weights_bytes(model_cell) is None and efficiency(cell, model_cell) is None
