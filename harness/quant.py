@@ -25,7 +25,7 @@ from typing import Any
 from harness.cache import atomic_directory, atomic_write_text, cache_root, file_lock
 
 Log = Callable[[str], None]
-CACHE_FORMAT = 2  # 2: a checkpoint always carries a tokenizer (placeholder for synthetic models)
+CACHE_FORMAT = 3  # 2: a checkpoint always carries a tokenizer; 3: asymmetric RTN ranges always hold 0
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble i of a packed int32 holds output column 8j + AWQ_ORDER[i]
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -85,15 +85,19 @@ def check_spec(spec: QuantSpec, config: dict[str, Any]) -> None:
         raise QuantError(f"bits: round-to-nearest packing writes 4-bit checkpoints, got {spec.bits}")
     if spec.quantizer == "rtn" and spec.format == "awq" and spec.sym:
         raise QuantError("sym: the AutoAWQ layout that round-to-nearest writes has zero points (sym = false)")
+    if spec.quantizer == "rtn" and spec.format == "gptq" and not spec.sym:
+        raise QuantError("sym: the AutoGPTQ v1 layout that round-to-nearest writes must be symmetric (sym = true); "
+                         "GPTQModel refuses asymmetric v1 checkpoints that it did not write")
     if spec.group_size == 0 or spec.group_size < -1:
         raise QuantError(f"group_size: expected -1 or a positive size, got {spec.group_size}")
+    per_word = 32 // spec.bits if 32 % spec.bits == 0 else 32  # 3 bits: 32 values in 3 int32s
     for name, (in_features, out_features) in linear_shapes(config).items():
         if spec.group_size > 0 and in_features % spec.group_size:
             raise QuantError(f"group_size {spec.group_size} does not divide the input width {in_features} of "
                              f"{name}: pick a group size that divides every layer's width")
-        if out_features % (32 // spec.bits) or in_features % (32 // spec.bits):
-            raise QuantError(f"{name} ({in_features} -> {out_features}) cannot be packed {32 // spec.bits} "
-                             f"values per int32 at {spec.bits} bits")
+        if out_features % per_word or in_features % per_word:
+            raise QuantError(f"{name} ({in_features} -> {out_features}) cannot be packed at {spec.bits} bits: "
+                             f"both widths must be multiples of {per_word}")
 
 
 # ---- calibration ---------------------------------------------------------------------------------------
@@ -164,7 +168,7 @@ def rtn(weight: Any, group_size: int, sym: bool) -> tuple[Any, Any, Any]:
         scales = (2 * blocks.abs().amax(dim=2) / 15).clamp(min=1e-8)
         zeros = torch.full_like(scales, 8, dtype=torch.int64)
     else:
-        high, low = blocks.amax(dim=2), blocks.amin(dim=2)
+        high, low = blocks.amax(dim=2).clamp(min=0), blocks.amin(dim=2).clamp(max=0)  # the range holds 0
         scales = ((high - low) / 15).clamp(min=1e-5)
         zeros = torch.round(-low / scales).clamp(0, 15).to(torch.int64)
     scales = scales.half().float()  # quantize with the scale as it will be stored
@@ -335,6 +339,7 @@ def quantize_gptqmodel(src: Path, spec: QuantSpec, windows: list[list[int]], out
         # AWQ's default packer needs CUDA in 7.6.0; its torch packer writes the same GEMM layout on a CPU
         backend = {"backend": BACKEND.AWQ_TORCH} if spec.format == "awq" and device == "cpu" else {}
         here = os.getcwd()
+        out.mkdir(parents=True, exist_ok=True)
         os.chdir(out)  # GPTQModel writes its per-module logs to ./logs: keep them with the checkpoint
         try:
             started = time.perf_counter()
@@ -385,7 +390,7 @@ def check_checkpoint(folder: Path) -> dict[str, Any]:
 
     Reads tensor shapes only (safetensors headers), so it costs nothing on a large checkpoint.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
     quant = read_quantization_config(folder)
@@ -397,24 +402,26 @@ def check_checkpoint(folder: Path) -> dict[str, Any]:
     if not files:
         raise QuantError(f"{folder}: no *.safetensors weights")
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except SafetensorError as exc:
+            raise QuantError(f"{file}: not a readable safetensors file ({exc})") from None
     modules = sorted(k.removesuffix(".qweight") for k in shapes if k.endswith(".qweight"))
     if not modules:
         raise QuantError(f"{folder}: quantization_config says {method}, but no tensor is a packed .qweight")
-    per_int = 32 // bits
     for module in modules:
         qweight, scales = shapes[f"{module}.qweight"], shapes.get(f"{module}.scales")
         if scales is None:
             raise QuantError(f"{folder}: {module}.scales is missing")
         out_features = scales[1]
         if method == "gptq":  # g_idx holds one entry per input; without it, trust the packed rows
-            in_features = shapes[f"{module}.g_idx"][0] if f"{module}.g_idx" in shapes else qweight[0] * per_int
-            expected_q = (in_features // per_int, out_features)
+            in_features = shapes[f"{module}.g_idx"][0] if f"{module}.g_idx" in shapes else qweight[0] * 32 // bits
+            expected_q = (in_features * bits // 32, out_features)
         else:
             in_features = qweight[0]
-            expected_q = (in_features, out_features // per_int)
+            expected_q = (in_features, out_features * bits // 32)
         groups = 1 if group == -1 else -(-in_features // group)
         problem = None
         if tuple(qweight) != expected_q:
