@@ -3,6 +3,8 @@
 Cells come from benchmarks/matrix.toml (or --matrix): `test_decode[bnb-nf4|llama-2-7b-arch|b8]`.
 """
 
+import pytest
+
 from harness.plugin import record_benchmark
 
 
@@ -45,3 +47,9 @@ def test_divergence(quantbench, request, qb_model_cell):
 def test_batch_consistency(quantbench, qb_model_cell):
     """Greedy tokens of prompts in a left-padded batch equal those of each prompt run alone."""
     quantbench.check_consistency(qb_model_cell)
+
+
+@pytest.mark.eval
+def test_task_accuracy(quantbench, request, qb_model_cell):
+    """lm-eval task metrics on the loaded model (run with `-m "<suite> and eval"`; needs the 'eval' extra)."""
+    quantbench.check_tasks(request, qb_model_cell)

@@ -334,12 +334,12 @@ class Tolerances:
 
     def for_cell(self, method: str, metric: str) -> float:
         """The tolerance that applies to `metric` in cells of `method`."""
-        if metric not in self.defaults:
+        if metric not in self.defaults and metric not in METRICS:
             raise KeyError(f"unknown metric {metric!r}; known metrics: {', '.join(sorted(self.defaults))}")
         method_tolerances = self.method_overrides.get(method, {})
         if metric in method_tolerances:
             return method_tolerances[metric]
-        return self.metric_overrides.get(metric, self.defaults[metric])
+        return self.metric_overrides.get(metric, self.defaults.get(metric, METRICS[metric].tolerance))
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str) -> Tolerances:

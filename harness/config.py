@@ -46,6 +46,34 @@ class AccuracyConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Task accuracy through lm-eval, run only for tests marked `eval` (`pytest -m eval`)."""
+
+    tasks: tuple[str, ...] = ("quantbench_word_order",)  # lm-eval task names; the local one needs no download
+    limit: int = 0  # documents per task (0: all)
+    batch_size: int = 8
+
+
+def _parse_eval(data: Any, where: str, base: EvalConfig) -> EvalConfig:
+    _check_type(where, data, dict)
+    known = {"tasks", "limit", "batch_size"}
+    bad = sorted(set(data) - known)
+    if bad:
+        raise MatrixError(f"{where}.{bad[0]}: unknown field; known: {', '.join(sorted(known))}")
+    tasks = data.get("tasks", list(base.tasks))
+    _check_type(f"{where}.tasks", tasks, list)
+    for i, task in enumerate(tasks):
+        _check_type(f"{where}.tasks[{i}]", task, str)
+    for name in ("limit", "batch_size"):
+        if name in data:
+            _check_type(f"{where}.{name}", data[name], int)
+            if data[name] < (0 if name == "limit" else 1):
+                raise MatrixError(f"{where}.{name}: must be {'0 or more' if name == 'limit' else 'positive'}, "
+                                  f"got {data[name]!r}")
+    return EvalConfig(tuple(tasks), data.get("limit", base.limit), data.get("batch_size", base.batch_size))
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Where a model's weights come from."""
 
@@ -92,6 +120,7 @@ class Suite:
     tolerances: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"  # cpu | cuda
     reference: str | None = None  # the unquantized method every cell's predictions are compared with
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass(frozen=True)
@@ -249,7 +278,7 @@ def load_matrix(path: str | Path) -> Matrix:
 
 def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
     """Validate an already-parsed matrix table; `source` names it in errors."""
-    allowed = {"run", "accuracy", "tolerances", "models", "methods", "suites"}
+    allowed = {"run", "accuracy", "eval", "tolerances", "models", "methods", "suites"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise MatrixError(f"{source}: {unknown[0]}: unknown table; known: {', '.join(sorted(allowed))}")
@@ -257,6 +286,7 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
     accuracy = _dataclass_from(AccuracyConfig, data.get("accuracy", {}), f"{source}: accuracy")
     if accuracy.stride > accuracy.context_tokens:
         raise MatrixError(f"{source}: accuracy.stride: must not exceed accuracy.context_tokens")
+    evaluation = _parse_eval(data.get("eval", {}), f"{source}: eval", EvalConfig())
 
     models = {}
     for name, entry in data.get("models", {}).items():
@@ -277,7 +307,8 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
     for name, entry in data.get("suites", {}).items():
         where = f"{source}: suites.{name}"
         _check_type(where, entry, dict)
-        allowed_suite = {"models", "methods", "batch_sizes", "run", "accuracy", "tolerances", "device", "reference"}
+        allowed_suite = {"models", "methods", "batch_sizes", "run", "accuracy", "eval", "tolerances", "device",
+                         "reference"}
         bad = sorted(set(entry) - allowed_suite)
         if bad:
             raise MatrixError(f"{where}.{bad[0]}: unknown field; known: {', '.join(sorted(allowed_suite))}")
@@ -305,6 +336,7 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
             tolerances=_merge_tolerances(tolerances, suite_tolerances),
             device=device,
             reference=reference,
+            eval=_parse_eval(entry.get("eval", {}), f"{where}.eval", evaluation),
         )
     if not suites:
         raise MatrixError(f"{source}: suites: at least one suite is needed (e.g. [suites.cpu])")

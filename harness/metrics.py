@@ -22,7 +22,29 @@ class MetricSpec:
     floor: float = 0.0  # changes smaller than this (in the metric's unit) are below what one measurement resolves
 
 
-METRICS: dict[str, MetricSpec] = {
+TASK_PREFIX = "task:"  # lm-eval figures: task:<task>:<metric>, e.g. task:quantbench_word_order:acc
+
+
+class _Metrics(dict):
+    """The known metrics; names `task:<task>:<metric>` (lm-eval results) are known too, higher is better."""
+
+    def __missing__(self, name: str) -> MetricSpec:
+        if isinstance(name, str) and name.startswith(TASK_PREFIX) and name.count(":") == 2 \
+                and all(name.split(":")[1:]):
+            return MetricSpec(name, "", True, 0.02, "lm-eval task metric on the loaded model", floor=0.01)
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        if super().__contains__(name):
+            return True
+        try:
+            self[name]
+        except KeyError:
+            return False
+        return True
+
+
+METRICS: dict[str, MetricSpec] = _Metrics({
     m.name: m
     for m in (
         MetricSpec("prefill_tokens_per_s", "tokens/s", True, 0.05,
@@ -58,7 +80,7 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("top1_agreement", "", True, 0.01,
                    "share of positions where method and reference pick the same top token"),
     )
-}
+})
 
 
 def metric(name: str) -> MetricSpec:

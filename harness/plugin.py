@@ -5,6 +5,7 @@ Registered through the `pytest11` entry point, so its options and markers work f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -20,6 +21,7 @@ from harness.config import Cell, Matrix, MatrixError, load_matrix
 from harness.hardware import gpu_info, hardware_key, worker_gpu_env
 from harness.isolation import Outcome, run_isolated
 from harness.methods import BACKENDS, Method, method_class
+from harness.metrics import TASK_PREFIX
 from harness.results import CellResult, cell_id
 
 RESULTS_SCHEMA_VERSION = 1
@@ -110,6 +112,7 @@ class QuantBench:
         self.prepared: set[str] = set()  # models whose weights were built (or found) by a prepare worker
         self.references: dict[tuple[str, str], str] = {}  # (suite, model) -> how its reference job ended
         self.records: list[dict[str, Any]] = []
+        self.eval_cells: set[str] = set()  # cells whose task-accuracy test was selected (`-m eval`)
         self._matrix: Matrix | None = None
         self._matrix_error: str | None = None
         self._keys: dict[str, str] = {}
@@ -177,6 +180,8 @@ class QuantBench:
             reference = self.matrix().methods.get(cell.suite.reference or "")
             if reference is not None:
                 job["reference"] = {"method": reference.to_dict(), "role": "compare"}
+            if cell.key in self.eval_cells:
+                job["eval"] = dataclasses.asdict(cell.suite.eval)
             outcome = Outcome("ok")
             if cell.model.name not in self.prepared:
                 outcome = run_isolated({**job, "prepare_only": True}, cell.suite.run.cell_timeout_s, env)
@@ -311,7 +316,38 @@ class QuantBench:
             pytest.fail(f"{ref.id}: batched greedy output differs from lone prompts: {describe_failure(report)}",
                         pytrace=False)
 
+    def check_tasks(self, request: pytest.FixtureRequest, ref: CellRef) -> None:
+        """Gate the lm-eval figures of a cell; skip with the reason where tasks could not run."""
+        outcome = self.outcome(ref.cell)
+        result = outcome.result(None)
+        tasks = (result.details.get("tasks") if result is not None else None) or {}
+        if outcome.status == "ok" and result is not None and "unavailable" in tasks:
+            pytest.skip(f"{ref.id}: task accuracy not measured: {tasks['unavailable']}")
+        missing = {task: entry["unavailable"] for task, entry in tasks.get("results", {}).items()
+                   if "unavailable" in entry}
+        if result is not None and not any(name.startswith(TASK_PREFIX) for name in result.figures) and missing:
+            pytest.skip(f"{ref.id}: no task could run: " + "; ".join(f"{t}: {why}" for t, why in missing.items()))
+        names = sorted(name for name in result.figures if name.startswith(TASK_PREFIX)) if result else []
+        self.check(request, ref, names or [f"{TASK_PREFIX}tasks:acc"])
+        if missing:
+            request.node.user_properties.append(("tasks_unavailable", json.dumps(missing)))
+
     # ---- hooks of this object, registered as a plugin ---------------------------------------------------
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        # lm-eval tasks take minutes: their tests run only when `-m` names them (`-m "cpu and eval"`)
+        wanted = "eval" in (config.getoption("markexpr", "") or "")
+        kept, dropped = [], []
+        for item in items:
+            (dropped if item.get_closest_marker("eval") and not wanted else kept).append(item)
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = kept
+        for item in kept:
+            ref = getattr(item, "callspec", None) and item.callspec.params.get("qb_model_cell")
+            if item.get_closest_marker("eval") and isinstance(ref, CellRef):
+                self.eval_cells.add(ref.cell.key)
+
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         # A matrix or filter named on the command line is checked before anything runs.
         option = self.config.getoption

@@ -143,6 +143,8 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     _accuracy(method, model, model_cell, ids, accuracy, reference, key)
     if run.consistency_tokens:
         model_cell.details["batch_consistency"] = _consistency(method, model, all_ids, run)
+    if job.get("eval"):
+        _tasks(model, tokenizer, model_cell, job["eval"], seed)
     model_cell.details["method"] = method.describe(model)
     out.add(model_cell)
 
@@ -170,6 +172,25 @@ def _load(method: Any, resolved: Any, device: str) -> tuple[Any, float, dict[str
     method.verify(model, generated=False)
     log(f"loaded {resolved.name} in {seconds[0]:.1f} s")
     return model, seconds[0], memory
+
+
+def _tasks(model: Any, tokenizer: Any, cell: CellResult, evaluation: dict[str, Any], seed: int) -> None:
+    """lm-eval task figures on the loaded model; why not, in the cell's details, where they cannot run."""
+    from harness.evaluate import TASK_FORMAT, EvalUnavailable, run_tasks
+
+    folder = cache_root() / "tasks" / f"v{TASK_FORMAT}-seed{seed}"
+    try:
+        report = run_tasks(model, tokenizer, list(evaluation["tasks"]), evaluation["limit"] or None,
+                           evaluation["batch_size"], folder, seed)
+    except EvalUnavailable as exc:
+        cell.details["tasks"] = {"unavailable": str(exc)}
+        return
+    except ImportError as exc:
+        cell.details["tasks"] = {"unavailable": f"lm-eval is not installed (quantbench's 'eval' extra): {exc}"}
+        return
+    cell.details["tasks"] = {"results": report["tasks"], "lm_eval": report["lm_eval"], "settings": evaluation}
+    cell.figures.update({name: Figure(value) for name, value in report["figures"].items()})
+    log(f"tasks: {report['figures']}")
 
 
 def _quantization(prepared: dict[str, Any] | None, cell: CellResult, device: str) -> None:
