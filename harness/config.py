@@ -43,6 +43,9 @@ class AccuracyConfig:
     context_tokens: int = 256  # tokens per evaluation window
     stride: int = 256  # new tokens scored per window; windows overlap by max(context - stride, 1)
     max_eval_tokens: int = 4096  # evaluation tokens used from the held-out text (or seeded ids)
+    # the evaluation text: None is the corpus's held-out text; else a text file, or datasets:NAME[:CONFIG[:SPLIT]]
+    # (e.g. datasets:wikitext:wikitext-2-raw-v1:test) where the datasets package and its data are available
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,9 @@ def _dataclass_from(cls: type, data: dict[str, Any], where: str, base: Any = Non
     values = {}
     for name, value in data.items():
         f = fields[name]
+        if f.type in ("str | None", "str"):
+            values[name] = _check_type(f"{where}.{name}", value, str)
+            continue
         expected: type | tuple[type, ...] = (int, float) if f.type in ("float", float) else int
         _check_type(f"{where}.{name}", value, expected)
         if value < 0 or (value == 0 and name not in ("warmup", "seed", "consistency_tokens")):

@@ -200,7 +200,31 @@ def eval_ids(model: ResolvedModel, tokenizer: Any, accuracy: AccuracyConfig, see
         generator = torch.Generator().manual_seed(seed + 1)
         low = min(3, model.vocab_size - 1)
         return torch.randint(low, model.vocab_size, (accuracy.max_eval_tokens,), generator=generator).tolist()
+    if accuracy.text:
+        return list(tokenizer(evaluation_text(accuracy.text), add_special_tokens=True)["input_ids"])[
+            : accuracy.max_eval_tokens]
     return heldout_ids(tokenizer)[: accuracy.max_eval_tokens]
+
+
+def evaluation_text(source: str) -> str:
+    """The text of `accuracy.text`: a file, or `datasets:NAME[:CONFIG[:SPLIT]]` (documents joined by newlines)."""
+    if source.startswith("datasets:"):
+        name, config, split, *_ = [*source.removeprefix("datasets:").split(":"), None, None]
+        try:
+            import datasets
+        except ImportError:
+            raise ModelError(f"accuracy.text: {source!r} needs the 'datasets' package, which is not installed") \
+                from None
+        try:
+            data = datasets.load_dataset(name, config or None, split=split or "test")
+        except Exception as exc:  # offline, unknown name: the library's own words say which
+            raise ModelError(f"accuracy.text: {source!r} is not available here: {exc}") from None
+        column = "text" if "text" in data.column_names else data.column_names[0]
+        return "\n".join(data[column])
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ModelError(f"accuracy.text: {source!r} is neither a text file nor datasets:NAME[:CONFIG[:SPLIT]]")
+    return path.read_text(encoding="utf-8")
 
 
 def heldout_ids(tokenizer: Any) -> list[int]:

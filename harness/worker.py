@@ -221,7 +221,8 @@ def _accuracy(method: Any, model: Any, cell: CellResult, ids: list[int], accurac
     cell.details["ppl"] = {"stderr": result.stderr, "nll_mean": result.nll_mean, "protocol": result.protocol,
                            "eval_ids_digest": ids_digest(ids),
                            "label": "synthetic weights: says nothing about a real model"
-                           if cell.details["synthetic"] else "held-out corpus text"}
+                           if cell.details["synthetic"] else f"evaluation text {accuracy.text}" if accuracy.text
+                           else "held-out corpus text"}
     log(f"ppl {result.ppl:.3f} +- {result.stderr:.3f} over {result.scored_tokens} tokens")
     if comparer is not None:
         divergence = comparer.figures()

@@ -84,6 +84,8 @@ def test_narrowing_by_an_unknown_name_says_which_names_exist():
         (lambda t: t.replace("[suites.cpu]", '[suites.cpu]\nreference = "fp64"'),
          r"suites\.cpu\.reference: unknown method 'fp64'"),
         (lambda t: t.replace("[suites.cpu]", "[suites.cpu]\ndevice = \"tpu\""), r"suites\.cpu\.device"),
+        (lambda t: "[accuracy]\ntext = 3\n" + t, r"accuracy\.text: expected str"),
+        (lambda t: "[eval]\nlimit = -1\n" + t, r"eval\.limit: must be 0 or more"),
     ],
 )
 def test_bad_input_names_the_file_and_field(tmp_path, edit, message):
@@ -103,3 +105,9 @@ def test_invalid_toml_and_missing_file(tmp_path):
 def test_a_matrix_without_suites_is_refused():
     with pytest.raises(MatrixError, match="at least one suite"):
         parse_matrix({"models": {}}, "inline")
+
+
+def test_the_evaluation_text_is_a_string_setting(tmp_path):
+    matrix = load_matrix(write(tmp_path, '[accuracy]\ntext = "datasets:wikitext:wikitext-2-raw-v1:test"\n' + MINIMAL))
+    assert matrix.suites["cpu"].accuracy.text == "datasets:wikitext:wikitext-2-raw-v1:test"
+    assert load_matrix(write(tmp_path, MINIMAL)).suites["cpu"].accuracy.text is None  # the held-out corpus text

@@ -77,3 +77,32 @@ def test_prompt_ids_are_seeded_and_rows_are_shared_across_batch_sizes(cache):
     assert small == big[:2]
     assert prompt_ids(resolved, None, 2, 16, seed=1) != small
     assert all(0 <= t < 1024 for row in big for t in row)
+
+
+class _Tokenizer:
+    """Character ids: enough to see which text was tokenized."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [1] * add_special_tokens + [ord(c) for c in text]}
+
+
+def test_the_evaluation_text_can_be_a_file_or_a_dataset(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from harness.config import AccuracyConfig
+    from harness.models import ResolvedModel, eval_ids
+
+    model = ResolvedModel.__new__(ResolvedModel)
+    text = tmp_path / "wiki.txt"
+    text.write_text("abc")
+    assert eval_ids(model, _Tokenizer(), AccuracyConfig(text=str(text), max_eval_tokens=3), 0) == [1, 97, 98]
+    with pytest.raises(ModelError, match=r"accuracy.text: '/nope.txt' is neither a text file"):
+        eval_ids(model, _Tokenizer(), AccuracyConfig(text="/nope.txt"), 0)
+
+    def offline(name, config, split):
+        raise ConnectionError(f"no network for {name}/{config}/{split}")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(ModelError, match=r"is not available here: no network for wikitext/wikitext-2-raw-v1/test"):
+        eval_ids(model, _Tokenizer(), AccuracyConfig(text="datasets:wikitext:wikitext-2-raw-v1:test"), 0)
