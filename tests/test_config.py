@@ -42,7 +42,7 @@ def test_suite_run_settings_override_the_shared_ones():
     matrix = load_matrix(SHIPPED)
     assert matrix.suites["cpu"].run.new_tokens == 32
     assert matrix.suites["gpu"].run.new_tokens == 64
-    assert matrix.suites["cpu"].tolerances["decode_tokens_per_s"] == 0.35
+    assert matrix.suites["cpu"].tolerances["decode_tokens_per_s"] == 0.5
 
 
 def test_narrowing_by_model_method_and_batch_size():
