@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -62,3 +64,32 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime) in the cache so big files hash once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    index = cache_root() / "file-hashes.json"
+    entry_key = str(path)
+    fingerprint = [stat.st_size, stat.st_mtime_ns]
+    with file_lock(index.with_suffix(".lock")):
+        known = json.loads(index.read_text()) if index.is_file() else {}
+        entry = known.get(entry_key)
+        if entry and entry["fingerprint"] == fingerprint:
+            return entry["sha256"]
+    digest = sha256_file(path)
+    with file_lock(index.with_suffix(".lock")):
+        known = json.loads(index.read_text()) if index.is_file() else {}
+        known[entry_key] = {"fingerprint": fingerprint, "sha256": digest}
+        atomic_write_text(index, json.dumps(known, indent=1, sort_keys=True))
+    return digest

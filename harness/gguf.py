@@ -22,7 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from harness.cache import atomic_write_text, cache_root, file_lock
+from harness.cache import atomic_write_text, cache_root, file_lock, file_sha256, sha256_file
 
 CONVERTER_FORMAT = "v1"  # bump when the converter's output changes: cached files then miss
 GGUF_MAGIC = b"GGUF"
@@ -36,7 +36,6 @@ QTYPES = {
     "q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
 }
 VOCAB_KEY = "quantbench.vocab"  # GGUF metadata: "sentencepiece" or "placeholder"
-HASH_CHUNK = 16 * 2**20
 # SentencePiece token types, as llama.cpp reads them (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -310,34 +309,6 @@ def _ftype(qtype: str) -> int:
 # ---- the cache --------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, remembered per (path, size, mtime) in the cache so big files hash once."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    index = cache_root() / "gguf" / "file-hashes.json"
-    entry_key = str(path)
-    fingerprint = [stat.st_size, stat.st_mtime_ns]
-    with file_lock(index.with_suffix(".lock")):
-        known = json.loads(index.read_text()) if index.is_file() else {}
-        entry = known.get(entry_key)
-        if entry and entry["fingerprint"] == fingerprint:
-            return entry["sha256"]
-    digest = _sha256_file(path)
-    with file_lock(index.with_suffix(".lock")):
-        known = json.loads(index.read_text()) if index.is_file() else {}
-        known[entry_key] = {"fingerprint": fingerprint, "sha256": digest}
-        atomic_write_text(index, json.dumps(known, indent=1, sort_keys=True))
-    return digest
-
-
 def source_key(hf_folder: Path) -> str:
     """Cache key of a folder's GGUF files: its config, weights and tokenizer bytes, converter and versions."""
     hf_folder = Path(hf_folder)
@@ -374,7 +345,7 @@ def _problem(path: Path) -> str | None:
     if stat.st_size != side["size"]:
         return f"size {stat.st_size} bytes, expected {side['size']}"
     # an unchanged mtime means unchanged bytes (the file is only ever replaced by a rename): skip rehashing
-    if stat.st_mtime_ns != side["mtime_ns"] and _sha256_file(path) != side["sha256"]:
+    if stat.st_mtime_ns != side["mtime_ns"] and sha256_file(path) != side["sha256"]:
         return "sha256 differs from the one recorded at build time"
     return None
 
@@ -427,7 +398,7 @@ def gguf_file(hf_folder: Path, qtype: str, log: Log = print) -> Path:
             timings = {"convert_s": read_sidecar(f16)["convert_s"], "quantize_s": time.perf_counter() - started}
         stat = final.stat()
         sidecar = {"qtype": qtype, "source": str(hf_folder.resolve()), "vocab": vocab_kind(hf_folder),
-                   "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256_file(final),
+                   "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(final),
                    "format": CONVERTER_FORMAT, "versions": library_versions(), **timings}
         atomic_write_text(sidecar_path(final), json.dumps(sidecar, indent=1, sort_keys=True))
         log(f"GGUF {qtype}: {final} ({stat.st_size / 2**20:.1f} MiB), convert {timings['convert_s']:.1f} s, "

@@ -207,23 +207,30 @@ def eval_ids(model: ResolvedModel, tokenizer: Any, accuracy: AccuracyConfig, see
 
 
 def evaluation_text(source: str) -> str:
-    """The text of `accuracy.text`: a file, or `datasets:NAME[:CONFIG[:SPLIT]]` (documents joined by newlines)."""
+    """The text of `accuracy.text`: a file, or `datasets:NAME[:CONFIG[:SPLIT]]` (test split by default)."""
+    return text_source(source, "accuracy.text", "test", "neither a text file nor datasets:NAME[:CONFIG[:SPLIT]]")
+
+
+def text_source(source: str, field: str, split: str, otherwise: str) -> str:
+    """Text from a file or `datasets:NAME[:CONFIG[:SPLIT]]` (documents joined by newlines; `split` by default).
+
+    Errors name `field`; `otherwise` ends the message for a source that is neither.
+    """
     if source.startswith("datasets:"):
-        name, config, split, *_ = [*source.removeprefix("datasets:").split(":"), None, None]
+        name, config, chosen, *_ = [*source.removeprefix("datasets:").split(":"), None, None]
         try:
             import datasets
         except ImportError:
-            raise ModelError(f"accuracy.text: {source!r} needs the 'datasets' package, which is not installed") \
-                from None
+            raise ModelError(f"{field}: {source!r} needs the 'datasets' package, which is not installed") from None
         try:
-            data = datasets.load_dataset(name, config or None, split=split or "test")
+            data = datasets.load_dataset(name, config or None, split=chosen or split)
         except Exception as exc:  # offline, unknown name: the library's own words say which
-            raise ModelError(f"accuracy.text: {source!r} is not available here: {exc}") from None
+            raise ModelError(f"{field}: {source!r} is not available here: {exc}") from None
         column = "text" if "text" in data.column_names else data.column_names[0]
         return "\n".join(data[column])
     path = Path(source).expanduser()
     if not path.is_file():
-        raise ModelError(f"accuracy.text: {source!r} is neither a text file nor datasets:NAME[:CONFIG[:SPLIT]]")
+        raise ModelError(f"{field}: {source!r} is {otherwise}")
     return path.read_text(encoding="utf-8")
 
 

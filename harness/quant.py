@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.cache import atomic_directory, atomic_write_text, cache_root, file_lock
+from harness.cache import atomic_directory, atomic_write_text, cache_root, file_lock, file_sha256
 
 Log = Callable[[str], None]
 CACHE_FORMAT = 3  # 2: a checkpoint always carries a tokenizer; 3: asymmetric RTN ranges always hold 0
@@ -136,23 +136,14 @@ def _calibration_text(source: str) -> tuple[str, str]:
         from harness.corpus import split
 
         return split().train, "the corpus's training text (pydoc_data.topics)"
-    if source.startswith("datasets:"):
-        name, _, config = source.removeprefix("datasets:").partition(":")
-        try:
-            import datasets
-        except ImportError:
-            raise QuantError(f"calibration: {source!r} needs the 'datasets' package, which is not installed") \
-                from None
-        try:
-            data = datasets.load_dataset(name, config or None, split="train")
-        except Exception as exc:  # offline, unknown name: the library's own words say which
-            raise QuantError(f"calibration: {source!r} is not available here: {exc}") from None
-        column = "text" if "text" in data.column_names else data.column_names[0]
-        return "\n\n".join(data[column]), f"dataset {name}{':' + config if config else ''} (train)"
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise QuantError(f"calibration: {source!r} is neither auto, corpus, random, datasets:NAME nor a text file")
-    return path.read_text(encoding="utf-8"), f"text file {path}"
+    from harness.models import ModelError, text_source
+
+    try:
+        text = text_source(source, "calibration", "train",
+                           "neither auto, corpus, random, datasets:NAME nor a text file")
+    except ModelError as exc:
+        raise QuantError(str(exc)) from None
+    return text, source if source.startswith("datasets:") else f"text file {Path(source).expanduser()}"
 
 
 # ---- round-to-nearest packing ----------------------------------------------------------------------------
@@ -435,29 +426,17 @@ def check_checkpoint(folder: Path) -> dict[str, Any]:
 
 
 def source_digest(folder: Path) -> str:
-    """sha256 over a model folder's config and weight files (hashes remembered per file, see gguf.file_sha256)."""
-    from harness.gguf import file_sha256
-
+    """sha256 over a model folder's config and weight files (hashes remembered per file, see cache.file_sha256)."""
     files = [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
     payload = {f.name: file_sha256(f) for f in files}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def library_versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions: dict[str, str | None] = {}
-    for name in ("gptqmodel", "transformers", "torch"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def cache_key(src: Path, spec: QuantSpec, windows: list[list[int]] | None) -> dict[str, Any]:
     """Everything that decides a cached checkpoint's bytes."""
-    versions = library_versions()
+    from harness.hardware import package_versions
+
+    versions = {name: package_versions()[name] for name in ("gptqmodel", "transformers", "torch")}
     if spec.quantizer == "rtn":
         versions = {"transformers": None, "torch": None, "gptqmodel": None}  # the packer is this module
     calibration = hashlib.sha256(json.dumps(windows).encode()).hexdigest()[:16] if windows is not None else None

@@ -14,6 +14,7 @@ failure unless it is explained by arithmetic rather than by a bug:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +24,6 @@ LOGIT_TOLERANCE = 0.1  # largest batched-vs-alone logit change, in standard devi
 
 def spacing(dtype: Any, value: float) -> float:
     """The distance between `value` and the next number representable in `dtype` (one unit in the last place)."""
-    import math
-
     import torch
 
     info = torch.finfo(dtype)

@@ -21,7 +21,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from harness.gguf import GGUFError, _quiet_llama_cpp, check_gguf, file_sha256, gguf_file, read_sidecar
+from harness.cache import file_sha256
+from harness.gguf import GGUFError, _quiet_llama_cpp, check_gguf, gguf_file, read_sidecar
 from harness.methods.base import Method, MethodUnavailable, Param
 
 CONTEXT_ROUND = 256  # per-sequence context sizes are rounded up to this, so small changes reuse the context

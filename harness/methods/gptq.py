@@ -177,15 +177,8 @@ class GPTQMethod(Method):
             raise RuntimeError(f"kernel {self.params['kernel']!r} was asked for, but layers run {', '.join(fallen)}")
 
     def describe(self, model: Any) -> dict[str, Any]:
-        from importlib.metadata import PackageNotFoundError, version
-
-        versions = {}
-        for package in ("gptqmodel", "auto-gptq", "autoawq"):
-            try:
-                versions[package] = version(package)
-            except PackageNotFoundError:
-                continue
-        described = {**super().describe(model), "kernels": self.kernels(model), "versions": versions,
+        # the engines' versions are in every result's environment (hardware.TRACKED_PACKAGES)
+        described = {**super().describe(model), "kernels": self.kernels(model),
                      "quantization_config": getattr(self, "quantization_config", None)}
         if self.prepared:
             described["checkpoint"] = {k: v for k, v in self.prepared.items() if k != "fresh"}
