@@ -20,6 +20,7 @@ from typing import Any
 from harness.results import CellResult
 
 LOG_TAIL_CHARS = 4000
+STACK_DUMP_WAIT_S = 2  # a hung worker's time to write its stacks before it is killed
 
 
 @dataclass
@@ -54,6 +55,15 @@ def _looks_like_oom(log: str) -> bool:
     return any(s in log for s in ("OutOfMemoryError", "CUDA out of memory", "MemoryError", "std::bad_alloc"))
 
 
+def _dump_stacks(process: subprocess.Popen) -> None:
+    """Ask a hung worker for its Python stacks (its faulthandler writes them to the log), then give it a moment."""
+    try:
+        process.send_signal(signal.SIGUSR1)
+        process.wait(timeout=STACK_DUMP_WAIT_S)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+
+
 def run_isolated(job: dict[str, Any], timeout_s: float, env: dict[str, str] | None = None) -> Outcome:
     """Run `python -m harness.worker` on `job` with a wall-clock limit; never raises for worker failures."""
     with tempfile.TemporaryDirectory(prefix="quantbench-cell-") as tmp:
@@ -69,6 +79,7 @@ def run_isolated(job: dict[str, Any], timeout_s: float, env: dict[str, str] | No
                 returncode = process.wait(timeout=timeout_s)
                 timed_out = False
             except subprocess.TimeoutExpired:
+                _dump_stacks(process)
                 os.killpg(process.pid, signal.SIGKILL)
                 returncode = process.wait()
                 timed_out = True

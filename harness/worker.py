@@ -9,8 +9,10 @@ when this process crashes, runs out of memory or is killed, so finished batch si
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import random
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -288,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 2:
         print("usage: python -m harness.worker JOB.json OUT.json", file=sys.stderr)
         return 2
+    # a crash in native code (a kernel, a CUDA runtime) or a hang still names the Python line it was at:
+    # tracebacks of every thread go to the log on SIGSEGV/SIGFPE/SIGABRT/SIGBUS/SIGILL, and on the SIGUSR1
+    # that the parent sends a worker before killing it at its timeout
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     job = json.loads(Path(argv[0]).read_text())
     out = _Output(Path(argv[1]))
     try:

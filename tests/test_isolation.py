@@ -20,6 +20,9 @@ def test_a_crashing_cell_fails_with_the_signal(tiny_job, worker_env):
     assert outcome.status == "crashed"
     assert "SIGSEGV" in outcome.reason
     assert outcome.results == []
+    # the log names the Python line the native crash happened under
+    assert "Segmentation fault" in outcome.log_tail
+    assert 'isolation_methods.py", line 14 in load' in outcome.log_tail
 
 
 def test_a_hanging_cell_is_killed_at_its_timeout(tiny_job, worker_env):
@@ -27,6 +30,7 @@ def test_a_hanging_cell_is_killed_at_its_timeout(tiny_job, worker_env):
     assert outcome.status == "timeout"
     assert "15 s" in outcome.reason
     assert outcome.wall_s < 60
+    assert 'isolation_methods.py", line 21 in load' in outcome.log_tail  # where it hung
 
 
 def test_out_of_memory_fails_only_the_batch_sizes_that_ran_out(tiny_job, worker_env):
