@@ -91,6 +91,10 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
                 if peak in memory:
                     prepared["peak_mib"] = memory[peak].value
                     prepared["peak_metric"] = peak
+                method.prepared = prepared
+                warmed = method.compile_kernels(resolved.pretrained, log)
+                if warmed:
+                    prepared["kernels"] = warmed
                 out.data["prepared"] = prepared
         out.finish("ok")
         return

@@ -43,3 +43,13 @@ class UnavailableMethod(DenseMethod):
     @classmethod
     def requires(cls):
         return ("a_library_that_is_not_installed",)
+
+
+class PreparingMethod(DenseMethod):
+    """Builds something in the prepare process and compiles its kernels there, as the GPTQ backend does."""
+
+    def prepare(self, resolved, seed, log):
+        return {"checkpoint": resolved.pretrained, "fresh": True, "quantize_s": 1.5}
+
+    def compile_kernels(self, pretrained, log):
+        return {"kernel_warm_s": 0.25, "saw_checkpoint": self.prepared["checkpoint"] == pretrained}

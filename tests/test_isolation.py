@@ -46,3 +46,19 @@ def test_an_unavailable_method_is_skipped_with_the_reason(tiny_job, worker_env):
     outcome = run_isolated(tiny_job("isolation_methods:UnavailableMethod"), timeout_s=120, env=worker_env)
     assert outcome.status == "skipped"
     assert "a_library_that_is_not_installed is not installed" in outcome.reason
+
+
+def test_prepare_runs_in_its_own_process_and_hands_its_record_to_the_measured_one(tiny_job, worker_env):
+    job = tiny_job("isolation_methods:PreparingMethod")
+    prepared = run_isolated({**job, "prepare_only": True, "prepare_method": True}, timeout_s=120, env=worker_env)
+    assert prepared.status == "ok", prepared.log_tail
+    assert prepared.results == []
+    assert prepared.prepared["quantize_s"] == 1.5 and prepared.prepared["peak_mib"] > 0
+    # kernels are compiled after prepare's figures were taken, with the prepared record in hand
+    assert prepared.prepared["kernels"] == {"kernel_warm_s": 0.25, "saw_checkpoint": True}
+    measured = run_isolated({**job, "prepared": prepared.prepared}, timeout_s=120, env=worker_env)
+    assert measured.status == "ok", measured.log_tail
+    cell = measured.result(None)
+    assert cell.figures["quantize_s"].value == 1.5
+    assert cell.figures["quantize_peak_anon_rss_mib"].value == prepared.prepared["peak_mib"]
+    assert cell.details["quantization"]["kernels"]["kernel_warm_s"] == 0.25

@@ -87,6 +87,14 @@ class Method(ABC):
         """
         return None
 
+    def compile_kernels(self, pretrained: str, log: Any) -> dict[str, Any] | None:
+        """In the prepare process, after `prepare`: fill on-disk caches of kernels compiled at first use.
+
+        Runs outside the quantization's figures and before the measured process, whose load time would
+        otherwise include a compiler run on a fresh machine and not on the next. The default has none.
+        """
+        return None
+
     @abstractmethod
     def load(self, pretrained: str) -> Any:
         """Load (and quantize) the model from a folder or hub id onto the device; return it in eval mode."""
