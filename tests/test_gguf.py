@@ -200,3 +200,17 @@ def test_end_to_end_through_the_worker(tiny_job, cache):
         assert cell.error is None and cell.figures["decode_tokens_per_s"].value > 0
         assert cell.details["method"]["n_seq_max"] >= batch_size
     assert Path(per_model.details["method"]["file"]).is_relative_to(cache)
+
+
+def test_prepare_builds_the_file_and_load_only_reads_it(tiny_folder, monkeypatch):
+    from types import SimpleNamespace
+
+    import harness.methods.gguf as backend
+
+    method = GGUFMethod({"qtype": "q4_0"}, "cpu")
+    method.prepared = method.prepare(SimpleNamespace(pretrained=str(tiny_folder)), 0, lambda message: None)
+    assert method.prepared["file"].endswith("q4_0.gguf") and method.prepared["quantize_s"] > 0
+    monkeypatch.setattr(backend, "gguf_file", lambda *args, **kwargs: pytest.fail("load converted again"))
+    model = method.load(str(tiny_folder))
+    assert str(model.path) == method.prepared["file"]
+    assert method.describe(model)["qtype"] == "q4_0"

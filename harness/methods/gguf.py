@@ -101,22 +101,38 @@ class GGUFMethod(Method):
 
     # ---- loading ------------------------------------------------------------------------------------
 
+    def prepare(self, resolved: Any, seed: int, log: Any) -> dict[str, Any]:
+        """Convert and quantize (or find in the cache) the GGUF file in the prepare process.
+
+        The measured process then only loads it: its load time and memory hold no conversion, and it never
+        reads the Hugging Face weights. The conversion's wall times go to the cell's details.
+        """
+        path = self._gguf_path(resolved.pretrained)
+        sidecar = read_sidecar(path)
+        return {"file": str(path), **{k: sidecar[k] for k in ("convert_s", "quantize_s") if k in sidecar}}
+
+    def _gguf_path(self, pretrained: str) -> Path:
+        if self.params["file"]:
+            path = Path(self.params["file"]).expanduser()
+            check_gguf(path)
+            return path
+        if not Path(pretrained).is_dir():
+            raise GGUFError(f"{pretrained!r} is not a local folder: the gguf backend converts embedded, "
+                            "synthetic and local models; give a ready .gguf with the 'file' parameter")
+        return gguf_file(Path(pretrained), self.params["qtype"], log=_log)
+
     def load(self, pretrained: str) -> GGUFModel:
         import llama_cpp
 
         _quiet_llama_cpp()
         llama_cpp.llama_backend_init()
         folder = Path(pretrained) if Path(pretrained).is_dir() else None
-        if self.params["file"]:
-            path = Path(self.params["file"]).expanduser()
-            check_gguf(path)
-            sidecar = read_sidecar(path)
+        if self.prepared and self.prepared.get("file"):
+            path = Path(self.prepared["file"])
+            check_gguf(path)  # the prepare process left it complete; a change since is caught here
         else:
-            if folder is None:
-                raise GGUFError(f"{pretrained!r} is not a local folder: the gguf backend converts embedded, "
-                                "synthetic and local models; give a ready .gguf with the 'file' parameter")
-            path = gguf_file(folder, self.params["qtype"], log=_log)
-            sidecar = read_sidecar(path)
+            path = self._gguf_path(pretrained)
+        sidecar = read_sidecar(path)
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = self.n_gpu_layers()
         llama_model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
