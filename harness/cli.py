@@ -1,4 +1,7 @@
-"""Command line (`quantbench ...` or `python -m harness.cli ...`): compare, report, import-results, keys, build-*."""
+"""Command line (`quantbench ...` or `python -m harness.cli ...`).
+
+compare, report, import-results, gate, keys, build-*.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     imp = sub.add_parser("import-results", help="merge the figures of a run's results file (*.jsonl) into the "
                          "baselines of the hardware that produced them")
     imp.add_argument("results", nargs="+", type=Path)
+    gate = sub.add_parser("gate", help="hold a run's results files (*.jsonl) against the baselines of the hardware "
+                          "that produced them, offline; exit 1 on any regression")
+    gate.add_argument("results", nargs="+", type=Path)
+    gate.add_argument("--matrix", type=Path, default=Path("benchmarks/matrix.toml"),
+                      help="the matrix whose suites' tolerances apply (default: benchmarks/matrix.toml)")
+    gate.add_argument("--failures-only", action="store_true", help="print only what failed")
     sub.add_parser("keys", help="list the hardware keys with baselines, and this machine's keys")
     sub.add_parser("build-embedded", help="build (or find cached) the embedded model and print its folder")
     syn = sub.add_parser("build-synthetic", help="build (or find cached) synthetic weights for an architecture")
@@ -59,6 +68,21 @@ def main(argv: list[str] | None = None) -> int:
         except (BaselineError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    elif args.command == "gate":
+        from harness.baselines import BaselineError
+        from harness.config import MatrixError, load_matrix
+        from harness.results import gate_results
+
+        try:
+            lines, failures = gate_results(store, args.results, load_matrix(args.matrix))
+        except (BaselineError, MatrixError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for line in lines:
+            if not args.failures_only or line.startswith("FAIL"):
+                print(line)
+        print(f"{failures} failure(s) in {len(lines)} check(s)")
+        return 1 if failures else 0
     elif args.command == "keys":
         from harness.hardware import gpu_info, hardware_key
 

@@ -472,6 +472,7 @@ def quantized_folder(src: Path, spec: QuantSpec, windows: list[list[int]] | None
                 started = time.perf_counter()
                 write_rtn(src, spec, tmp, log)
                 stats = {"quantize_s": time.perf_counter() - started}
+                device = "cpu"  # round-to-nearest packs on the CPU whatever the suite's device
             else:
                 if windows is None:
                     raise QuantError("gptqmodel quantization needs calibration ids")

@@ -136,3 +136,51 @@ def import_results(store: BaselineStore, paths: list[Path]) -> dict[Path, list[P
             by_key.setdefault(key, []).append(result)
         written[path] = [p for key, group in by_key.items() for p in store.merge(key, group)]
     return written
+
+
+def gate_results(store: BaselineStore, paths: list[Path], matrix: Any) -> tuple[list[str], int]:
+    """Hold the figures of results files against the stored baselines of the hardware that measured them.
+
+    The gate of a run, again, offline (a GPU runner's artifact checked on any machine): each result is held
+    to the tolerances of the matrix suite it was measured in. Returns one line per figure or problem, and
+    the number of failures: regressions, errors of the run, batch-consistency failures and baselines
+    measured differently.
+    """
+    from harness.baselines import Tolerances, compare, provenance_mismatch
+
+    lines: list[str] = []
+    failures = 0
+    tolerances: dict[str, Tolerances] = {}
+    for path in paths:
+        for result in read_results(path):
+            key = result.hardware.get("hardware_key")
+            if not key:
+                raise ValueError(f"{path}: {result.id} has no hardware.hardware_key")
+            suite = result.config.get("suite")
+            if suite not in matrix.suites:
+                raise ValueError(f"{path}: {result.id} was measured in suite {suite!r}, which {matrix.path} "
+                                 f"does not have (suites: {', '.join(matrix.suites)})")
+            if suite not in tolerances:
+                tolerances[suite] = Tolerances.from_mapping(matrix.suites[suite].tolerances,
+                                                            f"{matrix.path} suite {suite!r} tolerances")
+            if result.error:
+                failures += 1
+                lines.append(f"FAIL {result.id}: the run failed: {result.error}")
+                continue
+            consistency = result.details.get("batch_consistency") or {}
+            if consistency.get("consistent") is False:
+                failures += 1
+                lines.append(f"FAIL {result.id}: batched rows differ from rows generated alone")
+            baseline = store.get(key, result)
+            if baseline is None:
+                lines.append(f"new  {result.id}: no baseline under {key}")
+                continue
+            mismatch = provenance_mismatch(result, baseline)
+            if mismatch:
+                failures += 1
+                lines.append(f"FAIL {result.id}: the baseline was measured differently ({'; '.join(mismatch)})")
+                continue
+            for verdict in compare(result, baseline, tolerances[suite]):
+                failures += verdict.regressed
+                lines.append(f"{'FAIL' if verdict.regressed else 'ok  '} {verdict.message}")
+    return lines, failures

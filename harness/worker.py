@@ -87,7 +87,8 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
             with track_memory(device, method.TORCH_DEVICE) as memory:
                 prepared = method.prepare(resolved, seed, log)
             if prepared is not None:
-                peak = "peak_vram_mib" if device == "cuda" else "peak_anon_rss_mib"
+                # the memory the work used: a GPU's, or host memory for work done on the CPU (RTN packing)
+                peak = "peak_vram_mib" if prepared.get("device", device) == "cuda" else "peak_anon_rss_mib"
                 if peak in memory:
                     prepared["peak_mib"] = memory[peak].value
                     prepared["peak_metric"] = peak
@@ -207,7 +208,8 @@ def _quantization(prepared: dict[str, Any] | None, cell: CellResult, device: str
     if prepared.get("fresh") and "quantize_s" in prepared:
         cell.figures["quantize_s"] = Figure(prepared["quantize_s"])
         if "peak_mib" in prepared:
-            name = "quantize_peak_vram_mib" if device == "cuda" else "quantize_peak_anon_rss_mib"
+            on_gpu = prepared.get("device", device) == "cuda"
+            name = "quantize_peak_vram_mib" if on_gpu else "quantize_peak_anon_rss_mib"
             cell.figures[name] = Figure(prepared["peak_mib"])
 
 

@@ -103,3 +103,39 @@ def test_the_step_summary_lists_every_gated_figure():
                           "figures": {"decode_tokens_per_s": {"value": 90.0, "baseline": 100.0, "change": 0.1}}}])
     assert "1 gated results, 1 regressed" in text
     assert "| `fp16|m|b1` | decode_tokens_per_s | 90 | 100 | +10.0% | regressed |" in text
+
+
+def gated_cell(decode, key="gpu-a", consistent=True, error=None):
+    result = cell("fp16", key, decode)
+    result.config["suite"] = "cpu"
+    result.details["batch_consistency"] = {"consistent": consistent}
+    result.error = error
+    return result
+
+
+@pytest.mark.parametrize(("decode", "consistent", "error", "code", "expected"), [
+    (99.0, True, None, 0, "ok   decode_tokens_per_s of fp16|m|b1 worsened 1.0%, within tolerance"),
+    # the cpu suite allows 50 % (matrix.toml): 40 tokens/s is a regression, 99 is not
+    (40.0, True, None, 1, "FAIL decode_tokens_per_s of fp16|m|b1 regressed 60.0% (baseline 100 tokens/s"),
+    (100.0, False, None, 1, "FAIL fp16|m|b1: batched rows differ from rows generated alone"),
+    (100.0, True, "out of memory at batch size 1", 1, "FAIL fp16|m|b1: the run failed: out of memory"),
+])
+def test_gate_holds_a_results_file_against_the_baselines_offline(tmp_path, capsys, decode, consistent, error,
+                                                                 code, expected):
+    BaselineStore(tmp_path / "bl").merge("gpu-a", [gated_cell(100.0)])
+    results = tmp_path / "run.jsonl"
+    write_results(results, [gated_cell(decode, consistent=consistent, error=error)])
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == code
+    assert expected in capsys.readouterr().out
+
+
+def test_gate_reports_a_cell_without_baseline_and_an_unknown_suite(tmp_path, capsys):
+    results = tmp_path / "run.jsonl"
+    write_results(results, [gated_cell(100.0, key="gpu-new")])
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 0
+    assert "new  fp16|m|b1: no baseline under gpu-new" in capsys.readouterr().out
+    odd = gated_cell(100.0)
+    odd.config["suite"] = "nightly"
+    write_results(results, [odd])
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 2
+    assert "measured in suite 'nightly', which" in capsys.readouterr().err

@@ -400,6 +400,13 @@ def test_the_cache_builds_once_and_keys_on_the_spec(float_folder, cache):
     assert check_checkpoint(other_group)["group_size"] == 128 and check_checkpoint(awq)["quant_method"] == "awq"
 
 
+def test_round_to_nearest_in_a_gpu_suite_records_the_cpu_it_ran_on(float_folder, cache):
+    """RTN packs on the CPU: its quantization memory figure is host memory, not a 0 MiB VRAM peak."""
+    spec = replace(RTN_SPECS["gptq"], group_size=32)
+    _, sidecar = quantized_folder(float_folder, spec, None, "cuda", log=quiet)
+    assert sidecar["fresh"] and sidecar["device"] == "cpu"
+
+
 def _edit_group(folder):
     rewrite_json(folder / "config.json", lambda config: config["quantization_config"].update(group_size=32))
 
