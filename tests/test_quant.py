@@ -549,6 +549,23 @@ def test_prepare_builds_the_rtn_checkpoint_once_and_load_runs_the_kernel(gptqmod
     assert not again.prepared["fresh"] and again.prepared["checkpoint"] == method.prepared["checkpoint"]
 
 
+def test_compiled_mode_runs_the_quantized_model_compiled_with_the_same_tokens(gptqmodel, tokenized_folder):
+    """mode = "compiled": static cache + torch.compile around GPTQModel's kernel, what a speed cell runs."""
+    eager, model = _prepared_and_loaded(tokenized_folder, has_tokenizer=True)
+    rows = [[5, 9, 14, 3, 7, 21, 8, 30]] * 2
+    eager.generate(model, rows, 6, None)
+    expected, _ = eager.greedy(model, rows, 6)
+    compiled = GPTQMethod({**eager.params, "mode": "compiled"}, "cpu")
+    compiled.prepared = eager.prepared
+    model = compiled.load(str(tokenized_folder))
+    with pytest.raises(RuntimeError, match="ran the model uncompiled"):
+        compiled.verify(model, generated=True)  # the check can fail: nothing has compiled yet
+    compiled.generate(model, rows, 6, None)
+    compiled.verify(model, generated=True)
+    assert compiled.describe(model)["compiled"] and compiled.describe(model)["params"]["mode"] == "compiled"
+    assert compiled.greedy(model, rows, 6)[0] == expected
+
+
 def test_an_rtn_checkpoint_of_a_model_without_tokenizer_loads(gptqmodel, float_folder):
     """GPTQModel.load always opens a tokenizer: the checkpoint of a synthetic model carries a placeholder."""
     method, model = _prepared_and_loaded(float_folder, has_tokenizer=False)

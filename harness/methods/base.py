@@ -185,6 +185,44 @@ class Method(ABC):
         """
 
 
+MODE = Param(str, "eager", "eager: HF generate as most users call it; compiled: static cache + torch.compile "
+             "(CUDA graphs on GPU)", ("eager", "compiled"))
+
+
+class CompilableMethod(Method):
+    """A method run through transformers' `generate()` in one of two modes, the `mode` parameter.
+
+    `eager` is plain `generate()`: at small batch it mostly measures Python and kernel-launch overhead.
+    `compiled` adds a static KV cache, which makes `generate()` compile the decode step (torch.compile,
+    CUDA graphs on GPU): what a user who cares about speed runs. Subclasses put `"mode": MODE` in PARAMS.
+    """
+
+    def check_available(self) -> None:
+        super().check_available()
+        if self.params["mode"] == "compiled" and self.device == "cpu":
+            import shutil
+
+            if shutil.which("cc") is None and shutil.which("gcc") is None:
+                raise MethodUnavailable("torch.compile on CPU needs a C compiler, and none is on PATH")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.params["mode"] != "compiled":
+            return {}
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig()
+        # generate() only auto-compiles on accelerators; the CPU suite asks for it explicitly.
+        compile_config._compile_all_devices = self.device == "cpu"
+        return {"cache_implementation": "static", "compile_config": compile_config}
+
+    def verify(self, model: Any, generated: bool) -> None:
+        if generated and self.params["mode"] == "compiled" and not hasattr(model, "_compiled_call"):
+            raise RuntimeError("mode 'compiled' was asked for, but generate() ran the model uncompiled")
+
+    def describe(self, model: Any) -> dict[str, Any]:
+        return {**super().describe(model), "compiled": hasattr(model, "_compiled_call")}
+
+
 def _delay_processor(delay_ms: float) -> Any:
     """A logits processor that sleeps per generated token: the test-only way to make a cell slower."""
     import time

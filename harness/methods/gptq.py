@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness.methods.base import DTYPES, Method, MethodUnavailable, Param, torch_dtype
+from harness.methods.base import DTYPES, MODE, CompilableMethod, MethodUnavailable, Param, torch_dtype
 from harness.quant import QuantError, QuantSpec, check_checkpoint, gptqmodel_environment, quantized_folder
 
 CUDA_KERNELS = ("marlin", "exllama_v2", "triton", "machete", "gemm", "gemv", "gemv_fast", "gemm_triton")
@@ -22,7 +22,7 @@ LEGACY_ENGINES = {
 }
 
 
-class GPTQMethod(Method):
+class GPTQMethod(CompilableMethod):
     """A GPTQ or AWQ checkpoint loaded through GPTQModel with a pinned inference kernel."""
 
     NAME = "gptq"
@@ -50,6 +50,7 @@ class GPTQMethod(Method):
         "dtype": Param(str, "float16", "dtype of activations and unquantized modules", DTYPES),
         "engine": Param(str, "gptqmodel", "what loads and runs the checkpoint: gptqmodel, or the archived "
                         "auto-gptq / autoawq where a legacy environment has them", ("gptqmodel", *LEGACY_ENGINES)),
+        "mode": MODE,
     }
 
     def check_available(self) -> None:
@@ -179,6 +180,7 @@ class GPTQMethod(Method):
         return sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith(prefix)})
 
     def verify(self, model: Any, generated: bool) -> None:
+        super().verify(model, generated)
         layers = [m for m in model.modules() if type(m).__module__.startswith(self._layer_prefix())]
         if not layers:
             raise RuntimeError(f"no {self.params['engine']} quantized layer in the loaded model: "
