@@ -31,7 +31,7 @@ def summary_table(records: list[dict[str, Any]]) -> str:
             change = fig.get("change")
             rows.append([record["cell"], name, _num(fig["value"]) + spread, METRICS[name].unit,
                          _num(fig.get("baseline")), "-" if change is None else f"{100 * change:+.1f}%",
-                         record["status"]])
+                         record["status"] + (" (rechecked)" if "rechecked" in record else "")])
     return _table(["cell", "metric", "value", "unit", "baseline", "worse by", "status"], rows)
 
 

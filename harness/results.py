@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +116,18 @@ def read_results(path: Path) -> list[CellResult]:
     return results
 
 
+def pool(first: CellResult, again: CellResult) -> CellResult:
+    """One cell measured twice: each figure with repeats in both runs becomes the median and spread of all
+    their samples; a figure measured once (perplexity, load time) keeps the first run's value."""
+    figures = dict(first.figures)
+    for name, figure in first.figures.items():
+        other = again.figures.get(name)
+        if other is not None and len(figure.samples) > 1 and len(other.samples) > 1:
+            figures[name] = Figure.of(figure.samples + other.samples)
+    runs = first.details.get("pooled_runs", 1) + 1
+    return replace(first, figures=figures, details={**first.details, "pooled_runs": runs})
+
+
 def import_results(store: BaselineStore, paths: list[Path]) -> dict[Path, list[Path]]:
     """Merge results files into `store` under the hardware key each result was measured on.
 
@@ -152,7 +164,10 @@ def gate_results(store: BaselineStore, paths: list[Path], matrix: Any) -> tuple[
     failures = 0
     tolerances: dict[str, Tolerances] = {}
     for path in paths:
-        for result in read_results(path):
+        cells: dict[str, CellResult] = {}
+        for result in read_results(path):  # a cell measured again in the same run (--recheck) is pooled
+            cells[result.id] = pool(cells[result.id], result) if result.id in cells else result
+        for result in cells.values():
             key = result.hardware.get("hardware_key")
             if not key:
                 raise ValueError(f"{path}: {result.id} has no hardware.hardware_key")

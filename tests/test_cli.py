@@ -139,3 +139,29 @@ def test_gate_reports_a_cell_without_baseline_and_an_unknown_suite(tmp_path, cap
     write_results(results, [odd])
     assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 2
     assert "measured in suite 'nightly', which" in capsys.readouterr().err
+
+
+def test_pooling_two_runs_takes_the_median_of_all_repeats_and_keeps_single_figures():
+    from harness.results import pool
+
+    first = CellResult(method="fp16", model="m", batch_size=1,
+                       figures={"decode_tokens_per_s": Figure.of([100.0, 101.0, 99.0]), "load_s": Figure(2.0)})
+    again = CellResult(method="fp16", model="m", batch_size=1,
+                       figures={"decode_tokens_per_s": Figure.of([60.0, 61.0, 59.0]), "load_s": Figure(9.0)})
+    pooled = pool(first, again)
+    decode = pooled.figures["decode_tokens_per_s"]
+    assert decode.n == 6 and decode.value == 80.0 and decode.spread > 20
+    assert pooled.figures["load_s"].value == 2.0 and pooled.details["pooled_runs"] == 2
+
+
+def test_gate_pools_a_cell_measured_twice_in_one_run(tmp_path, capsys):
+    BaselineStore(tmp_path / "bl").merge("gpu-a", [gated_cell(100.0)])
+    results = tmp_path / "run.jsonl"
+    first, again = gated_cell(100.0), gated_cell(100.0)
+    first.figures["decode_tokens_per_s"] = Figure.of([10.0, 11.0, 12.0])  # a stall in the first run
+    again.figures["decode_tokens_per_s"] = Figure.of([100.0, 101.0, 99.0])
+    results.write_text("".join(json.dumps({"cell": "x", "status": "ok", "results": [r.to_dict()]}) + "\n"
+                               for r in (first, again)))
+    main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)])
+    out = capsys.readouterr().out
+    assert out.count("decode_tokens_per_s of fp16|m|b1") == 1 and "measured 55.5 tokens/s" in out  # median of all six

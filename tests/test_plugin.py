@@ -93,6 +93,19 @@ def test_record_then_gate_then_catch_a_slowdown(suite, pytester):
     assert files[0].read_bytes() == before
 
 
+def test_recheck_measures_a_regressed_cell_again_and_a_real_slowdown_still_fails(suite, pytester):
+    suite("--update-baselines", "-k", "test_decode").assert_outcomes(passed=1)
+    slowed = suite("--inject-decode-delay-ms", "150", "-k", "test_decode", "--recheck")
+    slowed.assert_outcomes(failed=1)
+    slowed.stdout.re_match_lines([r".*decode_tokens_per_s of fp32\|tiny\|b1 regressed .* \(pooled over a recheck\)"])
+    results = pytester.path / "results"
+    last = sorted(results.glob("*-main.jsonl"))[-1]  # the gating run's (run ids sort by time)
+    assert [json.loads(line)["cell"] for line in last.read_text().splitlines()] == ["cpu:fp32|tiny"] * 2
+    summary = json.loads(sorted(results.glob("*-summary.json"))[-1].read_text())
+    decode = next(r for r in summary["records"] if r["cell"] == "fp32|tiny|b1")
+    assert decode["figures"]["decode_tokens_per_s"]["n"] == 6 and decode["rechecked"]
+
+
 def test_a_slowed_run_can_never_become_a_baseline(suite):
     result = suite("--update-baselines", "--inject-decode-delay-ms", "5")
     assert "cannot be combined with --update-baselines" in result.stderr.str()
