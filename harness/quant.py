@@ -471,12 +471,12 @@ def quantized_folder(src: Path, spec: QuantSpec, windows: list[list[int]] | None
             if spec.quantizer == "rtn":
                 started = time.perf_counter()
                 write_rtn(src, spec, tmp, log)
-                stats = {"quantize_s": time.perf_counter() - started}
-                device = "cpu"  # round-to-nearest packs on the CPU whatever the suite's device
+                # round-to-nearest packs on the CPU whatever the suite's device
+                stats = {"quantize_s": time.perf_counter() - started, "device": "cpu"}
             else:
                 if windows is None:
                     raise QuantError("gptqmodel quantization needs calibration ids")
-                stats = quantize_gptqmodel(src, spec, windows, tmp, device, log)
+                stats = {**quantize_gptqmodel(src, spec, windows, tmp, device, log), "device": device}
             for name in TOKENIZER_FILES:
                 if (src / name).is_file() and not (tmp / name).exists():
                     shutil.copy2(src / name, tmp / name)
@@ -484,6 +484,6 @@ def quantized_folder(src: Path, spec: QuantSpec, windows: list[list[int]] | None
                 write_placeholder_tokenizer(tmp, json.loads((tmp / "config.json").read_text())["vocab_size"])
             check_checkpoint(tmp)
             sidecar = {"key": key, "source": str(src), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       "device": device, **stats}
+                       **stats}
             atomic_write_text(tmp / "quantbench.json", json.dumps(sidecar, indent=1, sort_keys=True))
     return final, {**sidecar, "fresh": True}

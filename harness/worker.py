@@ -146,7 +146,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
                             details={"model": resolved.provenance, "synthetic": resolved.synthetic,
                                      "load_peak_rss_mib": load_memory["peak_rss_mib"].value})
     model_cell.details["weights_bytes"] = method.weights_bytes(model)
-    _quantization(method.prepared, model_cell, device)
+    _quantization(method.prepared, model_cell)
     _accuracy(method, model, model_cell, ids, accuracy, reference, key)
     if run.consistency_tokens:
         model_cell.details["batch_consistency"] = _consistency(method, model, all_ids, run)
@@ -173,7 +173,8 @@ def _sync_device(method: Any, device: str) -> str:
 
 def _load(method: Any, resolved: Any, device: str) -> tuple[Any, float, dict[str, Any]]:
     """Load the model through the method; return it, the load time and the memory seen while loading."""
-    _import_model_code(resolved.pretrained)
+    if method.TORCH_DEVICE:  # an engine with its own runtime never runs transformers' modeling code
+        _import_model_code(resolved.pretrained)
     with track_memory(device, method.TORCH_DEVICE) as memory, timed(_sync_device(method, device)) as seconds:
         model = method.load(resolved.pretrained)
     method.verify(model, generated=False)
@@ -200,17 +201,15 @@ def _tasks(model: Any, tokenizer: Any, cell: CellResult, evaluation: dict[str, A
     log(f"tasks: {report['figures']}")
 
 
-def _quantization(prepared: dict[str, Any] | None, cell: CellResult, device: str) -> None:
+def _quantization(prepared: dict[str, Any] | None, cell: CellResult) -> None:
     """The quantization's cost as figures when this run measured it; a cached build's record goes to details."""
     if not prepared:
         return
     cell.details["quantization"] = prepared
     if prepared.get("fresh") and "quantize_s" in prepared:
         cell.figures["quantize_s"] = Figure(prepared["quantize_s"])
-        if "peak_mib" in prepared:
-            on_gpu = prepared.get("device", device) == "cuda"
-            name = "quantize_peak_vram_mib" if on_gpu else "quantize_peak_anon_rss_mib"
-            cell.figures[name] = Figure(prepared["peak_mib"])
+        if "peak_mib" in prepared:  # peak_vram_mib or peak_anon_rss_mib, chosen where it was measured
+            cell.figures[f"quantize_{prepared['peak_metric']}"] = Figure(prepared["peak_mib"])
 
 
 def _accuracy(method: Any, model: Any, cell: CellResult, ids: list[int], accuracy: AccuracyConfig,
