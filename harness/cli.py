@@ -30,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     gate.add_argument("--matrix", type=Path, default=Path("benchmarks/matrix.toml"),
                       help="the matrix whose suites' tolerances apply (default: benchmarks/matrix.toml)")
     gate.add_argument("--failures-only", action="store_true", help="print only what failed")
+    bw = sub.add_parser("bandwidth", help="measure the GPU's memory bandwidth (device-to-device copy), the "
+                        "ceiling of the report's roofline figures")
+    bw.add_argument("--device", default=None, help="cuda or cpu (default: cuda when a GPU is visible)")
+    bw.add_argument("--size-mib", type=int, default=2048, help="bytes copied per repeat, in MiB (default 2048)")
+    bw.add_argument("--repeats", type=int, default=20, help="timed copies (default 20)")
+    bw.add_argument("--write", action="store_true",
+                    help="store it under <baselines-dir>/<hardware key>/hardware/memory-bandwidth.json")
     sub.add_parser("keys", help="list the hardware keys with baselines, and this machine's keys")
     sub.add_parser("build-embedded", help="build (or find cached) the embedded model and print its folder")
     syn = sub.add_parser("build-synthetic", help="build (or find cached) synthetic weights for an architecture")
@@ -83,6 +90,26 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
         print(f"{failures} failure(s) in {len(lines)} check(s)")
         return 1 if failures else 0
+    elif args.command == "bandwidth":
+        import json
+
+        from harness.hardware import environment, gpu_info, hardware_key
+        from harness.measure.bandwidth import measure_bandwidth, write_bandwidth
+
+        device = args.device or ("cuda" if gpu_info() else "cpu")
+        try:
+            measured = measure_bandwidth(device, args.size_mib, repeats=args.repeats)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        key = hardware_key(device)
+        print(json.dumps({"hardware_key": key, **{k: v for k, v in measured.items() if k != "samples_bytes_per_s"}},
+                         indent=2))
+        print(f"{key}: {measured['bytes_per_s'] / 1e9:.0f} GB/s (±{100 * measured['spread']:.1f}%)")
+        if args.write:
+            env = environment()
+            print(write_bandwidth(store.root, key, measured, {"gpu": gpu_info()} if device == "cuda" else {},
+                                  {k: env[k] for k in env if k != "packages"}))
     elif args.command == "keys":
         from harness.hardware import gpu_info, hardware_key
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.baselines import BaselineStore
+from harness.measure.bandwidth import read_bandwidth
 from harness.metrics import METRICS
 from harness.roofline import efficiency
 
@@ -43,6 +44,7 @@ def compare_hardware(store: BaselineStore, key_a: str, key_b: str, metrics: list
             raise KeyError(f"no baselines for hardware key {key!r} in {store.root}; known: {', '.join(sorted(known))}")
     models_a = {p.stem for p in (store.root / key_a).glob("*.json")}
     models_b = {p.stem for p in (store.root / key_b).glob("*.json")}
+    limit_a, limit_b = read_bandwidth(store.root, key_a), read_bandwidth(store.root, key_b)
     rows = []
     for model in sorted(models_a & models_b):
         cells_a, cells_b = store.load(key_a, model), store.load(key_b, model)
@@ -56,8 +58,8 @@ def compare_hardware(store: BaselineStore, key_a: str, key_b: str, metrics: list
                 ratio = vb / va if va else float("nan")
                 roof = ["-", "-"]
                 if name == "decode_tokens_per_s":
-                    roof = [_percent(efficiency(a, cells_a.get(model_key))),
-                            _percent(efficiency(b, cells_b.get(model_key)))]
+                    roof = [_percent(efficiency(a, cells_a.get(model_key), limit_a)),
+                            _percent(efficiency(b, cells_b.get(model_key), limit_b))]
                 rows.append([cell, name, _num(va), _num(vb), f"{ratio:.3f}", METRICS[name].unit, *roof])
     if not rows:
         return f"{key_a} and {key_b} share no cells"
@@ -88,7 +90,8 @@ def _figure(cell: Any, name: str) -> float | None:
     return cell.figures[name].value if cell is not None and name in cell.figures else None
 
 
-def _model_markdown(key: str, model: str, by_method: dict[str, dict[int | None, Any]]) -> str:
+def _model_markdown(key: str, model: str, by_method: dict[str, dict[int | None, Any]],
+                    measured: tuple[float, str] | None = None) -> str:
     sizes = sorted({b for cells in by_method.values() for b in cells if b is not None})
     memory = "peak_vram_mib" if any(_figure(c, "peak_vram_mib") for m in by_method.values() for c in m.values()) \
         else "peak_rss_mib"
@@ -108,11 +111,13 @@ def _model_markdown(key: str, model: str, by_method: dict[str, dict[int | None, 
             row.append(f"{value:.1f} ±{100 * spread:.1f}%" if value else "-")
         row.append(_num(_figure(cells.get(sizes[0]) if sizes else None, memory)))
         if gpu:
-            row += [_percent(efficiency(cells.get(b), per_model)) for b in sizes]
+            row += [_percent(efficiency(cells.get(b), per_model, measured)) for b in sizes]
         lines.append("| " + " | ".join(row) + " |")
     if gpu:
+        ceiling = measured[1] if measured else "the data sheet's (no quantbench bandwidth --write for this key)"
         lines += ["", "roofline: decode steps/s x weight bytes over the GPU's memory bandwidth (harness/roofline.py; "
-                  "KV-cache reads not counted; '-' where the weight bytes were not recorded)"]
+                  "KV-cache reads not counted; '-' where the weight bytes were not recorded); bandwidth: "
+                  + ceiling]
     return "\n".join(lines)
 
 
@@ -180,7 +185,7 @@ def write_report(store: BaselineStore, keys: list[str], out_dir: Path) -> tuple[
     for key in keys:
         for model in sorted(p.stem for p in (store.root / key).glob("*.json")):
             by_method = _cells_by_method(store.load(key, model))
-            table = _model_markdown(key, model, by_method)
+            table = _model_markdown(key, model, by_method, read_bandwidth(store.root, key))
             sections_md += [table, ""]
             sections_html.append(_markdown_table_html(table, html))
             for title, png in _plots(key, model, by_method):

@@ -81,12 +81,16 @@ def weights_bytes(model_cell: Any) -> tuple[float, str] | None:
     return None
 
 
-def efficiency(cell: Any, model_cell: Any) -> float | None:
-    """Achieved weight bytes/s of a batch size's decode over the GPU's bandwidth (None: not computable)."""
+def efficiency(cell: Any, model_cell: Any, measured: tuple[float, str] | None = None) -> float | None:
+    """Achieved weight bytes/s of a batch size's decode over the GPU's bandwidth (None: not computable).
+
+    `measured`: the bandwidth measured on this hardware (harness/measure/bandwidth.py), used instead of the
+    data sheet's.
+    """
     if cell is None or "decode_tokens_per_s" not in cell.figures or not cell.batch_size:
         return None
     size = weights_bytes(model_cell)
-    limit = bandwidth((cell.hardware or {}).get("gpu"))
+    limit = measured or bandwidth((cell.hardware or {}).get("gpu"))
     if size is None or limit is None:
         return None
     steps_per_s = cell.figures["decode_tokens_per_s"].value / cell.batch_size

@@ -44,3 +44,50 @@ def test_unquantized_weights_are_derived_from_the_architecture_when_not_recorded
 def test_quantized_weights_without_a_record_give_no_figure():
     cell, model_cell = cells(decode=100.0, batch=1, backend="bnb")
     assert weights_bytes(model_cell) is None and efficiency(cell, model_cell) is None
+
+
+def test_a_measured_bandwidth_replaces_the_data_sheet():
+    cell, model_cell = cells(decode=8 * 100.0, batch=8, details={"weights_bytes": 4.8e9})
+    assert efficiency(cell, model_cell, (4.0e12, "measured")) == pytest.approx(100 * 4.8e9 / 4.0e12)
+
+
+def test_bandwidth_is_measured_stored_and_read_back(tmp_path):
+    from harness.measure.bandwidth import measure_bandwidth, read_bandwidth, write_bandwidth
+
+    measured = measure_bandwidth("cpu", size_mib=4, warmup=1, repeats=3)
+    assert measured["bytes_per_s"] > 0 and len(measured["samples_bytes_per_s"]) == 3
+    assert min(measured["samples_bytes_per_s"]) <= measured["bytes_per_s"] <= max(measured["samples_bytes_per_s"])
+    assert read_bandwidth(tmp_path, "cpu-test") is None
+    path = write_bandwidth(tmp_path, "cpu-test", measured, {}, {})
+    assert path == tmp_path / "cpu-test" / "hardware" / "memory-bandwidth.json"
+    value, source = read_bandwidth(tmp_path, "cpu-test")
+    assert value == measured["bytes_per_s"] and str(path) in source
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        measure_bandwidth("cpu", size_mib=4, repeats=0)
+
+
+@pytest.mark.parametrize(("text", "field"), [("{", "not valid JSON"), ('{"schema_version": 9}', "schema_version"),
+                                              ('{"schema_version": 1, "bytes_per_s": -1}', "bytes_per_s")])
+def test_a_bad_bandwidth_file_is_named(tmp_path, text, field):
+    from harness.measure.bandwidth import BandwidthError, read_bandwidth
+
+    path = tmp_path / "k" / "hardware" / "memory-bandwidth.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(BandwidthError, match=field) as info:
+        read_bandwidth(tmp_path, "k")
+    assert str(path) in str(info.value)
+
+
+def test_the_report_divides_by_the_stored_bandwidth(tmp_path):
+    from harness.baselines import BaselineStore
+    from harness.measure.bandwidth import write_bandwidth
+    from harness.report import write_report
+
+    cell, model_cell = cells(decode=8 * 100.0, batch=8, details={"weights_bytes": 4.8e9})
+    cell.figures["peak_vram_mib"] = Figure(1000.0)
+    store = BaselineStore(tmp_path / "baselines")
+    store.merge("nvidia-h200-140gb", [cell, model_cell])
+    write_bandwidth(store.root, "nvidia-h200-140gb", {"bytes_per_s": 4.0e12}, {}, {})
+    text = write_report(store, ["nvidia-h200-140gb"], tmp_path / "out")[0].read_text()
+    assert "12.0%" in text and "measured copy (4000 GB/s" in text  # 100 steps/s x 4.8 GB over 4 TB/s
