@@ -208,9 +208,10 @@ def convert_to_gguf(hf_folder: Path, out: Path, log: Log = print) -> None:
     Metadata and vocabulary follow llama.cpp's converter; q_proj/k_proj get its rotary permutation.
     Tensors are streamed from the safetensors files one at a time.
     """
+    import torch  # first: on the CUDA image, importing torch after gguf aborts ("free(): invalid pointer")
+
     import gguf
     import numpy as np
-    import torch
     from safetensors import safe_open
 
     hf_folder = Path(hf_folder)
