@@ -208,8 +208,11 @@ def convert_to_gguf(hf_folder: Path, out: Path, log: Log = print) -> None:
     Metadata and vocabulary follow llama.cpp's converter; q_proj/k_proj get its rotary permutation.
     Tensors are streamed from the safetensors files one at a time.
     """
-    import torch  # first: on the CUDA image, importing torch after gguf aborts ("free(): invalid pointer")
+    # torch before gguf: on the H200 image a conversion that imported gguf first aborted ("free(): invalid
+    # pointer"; the cause is not established) and one that imported torch first ran
+    import torch
 
+    # isort: split
     import gguf
     import numpy as np
     from safetensors import safe_open

@@ -244,3 +244,13 @@ def heldout_ids(tokenizer: Any) -> list[int]:
 def ids_digest(ids: list[list[int]] | list[int]) -> str:
     """A short fingerprint of token ids, recorded so two results can be checked to have seen the same input."""
     return _sha256(json.dumps(ids).encode())[:16]
+
+
+TOKENIZER_CHECK_CHARS = 2000  # held-out characters an engine's own tokenizer is compared on
+
+
+def tokenizer_check_text() -> str:
+    """The held-out text on which an engine's tokenizer is compared with the model's Hugging Face tokenizer."""
+    from harness.corpus import split
+
+    return split().heldout[:TOKENIZER_CHECK_CHARS]

@@ -193,8 +193,10 @@ class QuantBench:
                 outcome = run_isolated({**job, "prepare_only": True}, cell.suite.run.cell_timeout_s, env)
             if outcome.status == "ok":
                 self.prepared.add(cell.model.name)
-                if method_class(cell.method.backend).prepare is not Method.prepare:
-                    # the method builds its checkpoint in a process of its own: the quantization's cost
+                cls = method_class(cell.method.backend)
+                if cls.prepare is not Method.prepare or not cls.TORCH_DEVICE:
+                    # the method builds its checkpoint in a process of its own (the quantization's cost), or
+                    # is measured without torch on the model and ids that process resolves (harness/worker.py)
                     outcome = run_isolated({**job, "prepare_only": True, "prepare_method": True},
                                            cell.suite.run.cell_timeout_s, env)
                     job["prepared"] = outcome.prepared

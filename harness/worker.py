@@ -3,13 +3,24 @@
 A job with `prepare_only` only builds what the model needs (embedded or synthetic weights) and exits, so
 that work never shows in the measured process's memory or time.
 
+An engine with its own CUDA runtime (llama.cpp: `TORCH_DEVICE = False`) is measured in a process that never
+loads torch. On the CUDA 13 image of the H200 machines, llama.cpp segfaulted loading a model after `import
+torch`, and `import torch` aborted after llama.cpp was loaded (docs/evidence/nvidia-h200-140gb/
+gguf-torch-conflict.log, from gguf_probe.py beside it); the likely cause is that torch's wheels bring their
+own CUDA libraries under the same names as the system's ones the engine was built against. So the engine's
+prepare process, which may use torch, also resolves the model and makes the token ids (seeded ids come from
+torch's generator, so every backend gets the same ones) and the tokenizer's ids of the held-out check text,
+and the measured process refuses any import of torch with an error that says why.
+
 Run as `python -m harness.worker JOB.json OUT.json`. The parent (harness.isolation) reads OUT.json even
 when this process crashes, runs out of memory or is killed, so finished batch sizes are never lost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
+import importlib.abc
 import json
 import random
 import signal
@@ -27,7 +38,7 @@ from harness.measure.divergence import Collector, Comparer, Reference, reference
 from harness.measure.memory import track_memory
 from harness.measure.throughput import measure_generation, timed
 from harness.methods import MethodUnavailable, method_class
-from harness.models import eval_ids, ids_digest, prompt_ids, resolve
+from harness.models import ResolvedModel, eval_ids, ids_digest, prompt_ids, resolve, tokenizer_check_text
 from harness.results import CellResult, Figure
 
 
@@ -64,22 +75,77 @@ def _import_model_code(pretrained: str) -> None:
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(pretrained))]
 
 
+class _RefuseTorch(importlib.abc.MetaPathFinder):
+    """Fails every import of torch in a process that measures an engine with its own CUDA runtime."""
+
+    def __init__(self, engine: str) -> None:
+        self.engine = engine
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> None:
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"import of {name!r} refused: {self.engine} is measured in a process without torch "
+                              "(torch's CUDA libraries and the engine's cannot share a process; harness/worker.py)")
+
+
+def refuse_torch(engine: str) -> None:
+    """From now on, importing torch in this process raises ImportError (it must not be loaded yet)."""
+    if "torch" in sys.modules:
+        raise RuntimeError(f"torch was imported before {engine}'s measured process refused it")
+    sys.meta_path.insert(0, _RefuseTorch(engine))
+
+
+def _tokenizer(resolved: Any) -> Any:
+    if not resolved.has_tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolved.pretrained)
+
+
+def _inputs(resolved: Any, tokenizer: Any, job: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The token ids a measured process feeds: evaluation ids, prompt rows, and the tokenizer's ids of the
+    held-out text that an engine compares its own tokenizer with."""
+    run = RunConfig(**job["run"])
+    inputs: dict[str, Any] = {
+        "resolved": dataclasses.asdict(resolved),
+        "eval_ids": eval_ids(resolved, tokenizer, AccuracyConfig(**job["accuracy"]), seed),
+        "prompt_ids": prompt_ids(resolved, tokenizer, max(4, *job["batch_sizes"]), run.prompt_tokens, seed),
+        "tokenizer_check": None,
+    }
+    if tokenizer is not None:
+        text = tokenizer_check_text()
+        inputs["tokenizer_check"] = {"text": text,
+                                     "ids": list(tokenizer(text, add_special_tokens=True)["input_ids"])}
+    return inputs
+
+
 def run_job(job: dict[str, Any], out: _Output) -> None:
     """Prepare, compute a reference, or measure one (method, model); see the module docstring."""
-    import torch
-
     seed = job["run"]["seed"]
     random.seed(seed)
-    torch.manual_seed(seed)
     device = job["device"]
     method = method_class(job["method_class"])(job["method"]["params"], device)
+    if method.TORCH_DEVICE or job.get("prepare_only"):
+        import torch
+
+        torch.manual_seed(seed)
+    else:
+        refuse_torch(type(method).__name__)
+        log(f"{type(method).__name__}: measured without torch (torch refused in this process)")
     try:
         method.check_available()
     except MethodUnavailable as exc:
         out.finish("skipped", str(exc))
         return
 
-    resolved = resolve(ModelSpec(**job["model"]), log=log)
+    if method.TORCH_DEVICE or job.get("prepare_only"):
+        resolved = resolve(ModelSpec(**job["model"]), log=log)
+    else:  # resolving the embedded model imports torch: the prepare process resolved it
+        if "inputs" not in (job.get("prepared") or {}):
+            raise RuntimeError(f"{type(method).__name__} is measured without torch, on the model and ids its "
+                               "prepare process resolves: run the job with prepare_only and prepare_method first "
+                               "and pass its 'prepared' record (harness/plugin.py does)")
+        resolved = ResolvedModel(**job["prepared"]["inputs"]["resolved"])
     if job.get("prepare_only"):
         # building the embedded or synthetic weights, and a method's checkpoint, happens here, outside the
         # process that is measured
@@ -96,19 +162,20 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
                 warmed = method.compile_kernels(resolved.pretrained, log)
                 if warmed:
                     prepared["kernels"] = warmed
-                out.data["prepared"] = prepared
+            if not method.TORCH_DEVICE:  # the measured process will not load torch (module docstring)
+                prepared = prepared or {}
+                prepared["inputs"] = _inputs(resolved, _tokenizer(resolved), job, seed)
+            out.data["prepared"] = prepared
         out.finish("ok")
         return
     method.prepared = job.get("prepared")
     if method.prepared is None:
         method.prepared = method.prepare(resolved, seed, log)  # nothing was prepared for this job: do it here
-    tokenizer = None
-    if resolved.has_tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(resolved.pretrained)
+    inputs = (method.prepared or {}).get("inputs")
+    method.inputs = inputs
+    tokenizer = _tokenizer(resolved) if inputs is None else None
     accuracy = AccuracyConfig(**job["accuracy"])
-    ids = eval_ids(resolved, tokenizer, accuracy, seed)
+    ids = inputs["eval_ids"] if inputs else eval_ids(resolved, tokenizer, accuracy, seed)
     reference = job.get("reference")
     key = reference_key(resolved.provenance, reference["method"], job["accuracy"], ids_digest(ids)) if reference \
         else None
@@ -141,7 +208,8 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         "hardware": machine_info(device),
     }
     run = RunConfig(**job["run"])
-    all_ids = prompt_ids(resolved, tokenizer, max(4, *job["batch_sizes"]), run.prompt_tokens, seed)
+    all_ids = inputs["prompt_ids"] if inputs else prompt_ids(resolved, tokenizer, max(4, *job["batch_sizes"]),
+                                                             run.prompt_tokens, seed)
     model_cell = CellResult(batch_size=None, figures={"load_s": Figure(load_s)}, **base,
                             details={"model": resolved.provenance, "synthetic": resolved.synthetic,
                                      "load_peak_rss_mib": load_memory["peak_rss_mib"].value})
@@ -163,6 +231,22 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         _throughput(method, model, cell, rows, run, device)
         out.add(cell)
     out.finish("ok")
+
+
+def _out_of_memory(method: Any) -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the device ran out of memory: torch's for the methods it drives; an engine
+    with its own runtime reports a failed allocation as an error of its own."""
+    if not method.TORCH_DEVICE:
+        return ()
+    import torch
+
+    return (torch.OutOfMemoryError,)
+
+
+def _release_cached_memory() -> None:
+    import torch
+
+    torch.cuda.empty_cache()
 
 
 def _sync_device(method: Any, device: str) -> str:
@@ -203,6 +287,7 @@ def _tasks(model: Any, tokenizer: Any, cell: CellResult, evaluation: dict[str, A
 
 def _quantization(prepared: dict[str, Any] | None, cell: CellResult) -> None:
     """The quantization's cost as figures when this run measured it; a cached build's record goes to details."""
+    prepared = {k: v for k, v in (prepared or {}).items() if k != "inputs"}  # ids: not a record of the build
     if not prepared:
         return
     cell.details["quantization"] = prepared
@@ -242,17 +327,15 @@ def _consistency(method: Any, model: Any, all_ids: list[list[int]], run: RunConf
     """Greedy tokens of prompts of different lengths, batched with left padding and alone."""
     lengths = consistency.prompt_lengths(run.prompt_tokens)
     prompts = [row[:length] for row, length in zip(all_ids[:len(lengths)], lengths, strict=True)]
-    import torch
-
     try:
         report = consistency.check(lambda rows, n: method.greedy(model, rows, n), prompts, run.consistency_tokens,
                                    logits_dtype=method.logits_dtype(model))
     except NotImplementedError as exc:
         report = {"consistent": None, "reason": f"not checked: {exc}"}
-    except torch.OutOfMemoryError as exc:
+    except _out_of_memory(method) as exc:
         report = {"consistent": None, "reason": f"not checked: out of memory: {str(exc).splitlines()[0]}"}
         del exc
-        torch.cuda.empty_cache()
+        _release_cached_memory()
     log(f"batch consistency: {report['consistent']}")
     return report
 
@@ -260,7 +343,6 @@ def _consistency(method: Any, model: Any, all_ids: list[list[int]], run: RunConf
 def _throughput(method: Any, model: Any, cell: CellResult, rows: list[list[int]], run: RunConfig,
                 device: str) -> None:
     """Time generation at one batch size and track its memory; out-of-memory becomes the cell's error."""
-    import torch
 
     def generate(n: int, streamer: Any) -> None:
         method.generate(model, rows, n, streamer)
@@ -269,11 +351,11 @@ def _throughput(method: Any, model: Any, cell: CellResult, rows: list[list[int]]
         with track_memory(device, method.TORCH_DEVICE) as memory:
             timing = measure_generation(generate, _sync_device(method, device), len(rows), run.prompt_tokens,
                                         run.new_tokens, run.warmup, run.repeats)
-    except torch.OutOfMemoryError as exc:
+    except _out_of_memory(method) as exc:
         cell.error = f"out of memory at batch size {len(rows)}: {str(exc).splitlines()[0]}"
         log(cell.error)
         del exc
-        torch.cuda.empty_cache()
+        _release_cached_memory()
         return
     try:
         method.verify(model, generated=True)

@@ -40,14 +40,33 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
     return spans
 
 
+def as_float32(logits: Any) -> Any:
+    """A numpy float32 array of `logits`: a torch tensor (on any device, in any dtype) or an array."""
+    import numpy as np
+
+    if hasattr(logits, "detach"):  # torch, without importing it: an engine's process may never load torch
+        logits = logits.detach().float().cpu().numpy()
+    return np.asarray(logits, dtype=np.float32)
+
+
+def log_softmax(logits: Any) -> Any:
+    """Row-wise log-softmax of a 2-D array, computed in float64 and returned as float32."""
+    import numpy as np
+
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    return (shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))).astype(np.float32)
+
+
 def perplexity(logits: Callable[[list[int]], Any], ids: list[int], accuracy: AccuracyConfig,
                observers: Sequence[Any] = ()) -> Perplexity:
-    """Score `ids` under the protocol above; `logits(window)` gives float32 logits [len(window), vocab].
+    """Score `ids` under the protocol above; `logits(window)` gives logits [len(window), vocab].
 
-    Each observer's `add(log_probs, nll)` receives every window's log-probabilities and token NLLs at
-    its scored positions, in order (harness.measure.divergence collects and compares them).
+    Logits may be a torch tensor or a numpy array; the scoring is numpy, in float32, on the host, the same
+    for every backend (and torch is never imported for an engine that does not use it). Each observer's
+    `add(log_probs, nll)` receives every window's float32 log-probabilities and float64 token NLLs at its
+    scored positions, in order (harness.measure.divergence collects and compares them).
     """
-    import torch
+    import numpy as np
 
     if len(ids) < 2:
         raise ValueError("perplexity needs at least 2 evaluation tokens")
@@ -58,14 +77,14 @@ def perplexity(logits: Callable[[list[int]], Any], ids: list[int], accuracy: Acc
     for begin, end, first_scored in spans:
         window_logits = logits(ids[begin:end])
         # logits at position p predict token p + 1
-        targets = torch.tensor(ids[first_scored:end], dtype=torch.long, device=window_logits.device)
-        log_probs = torch.log_softmax(window_logits[first_scored - begin - 1:end - begin - 1].float(), dim=-1)
-        nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1).double()
+        targets = np.asarray(ids[first_scored:end], dtype=np.int64)
+        log_probs = log_softmax(as_float32(window_logits[first_scored - begin - 1:end - begin - 1]))
+        nll = -np.take_along_axis(log_probs, targets[:, None], axis=1)[:, 0].astype(np.float64)
         for observer in observers:
             observer.add(log_probs, nll)
-        nll_sum += nll.sum().item()
-        nll_sq_sum += (nll * nll).sum().item()
-        count += nll.numel()
+        nll_sum += float(nll.sum())
+        nll_sq_sum += float((nll * nll).sum())
+        count += nll.size
     mean = nll_sum / count
     variance = max(nll_sq_sum / count - mean * mean, 0.0) * count / max(count - 1, 1)
     ppl = math.exp(mean)

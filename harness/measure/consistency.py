@@ -22,13 +22,24 @@ TIE_MARGIN = 0.05  # logits this close are a tie whose order batching may flip
 LOGIT_TOLERANCE = 0.1  # largest batched-vs-alone logit change, in standard deviations of the logits
 
 
+# machine epsilon and smallest normal number of the dtypes logits are computed in (torch.finfo's values)
+FLOAT_FORMATS = {"float32": (2.0**-23, 2.0**-126), "float16": (2.0**-10, 2.0**-14), "bfloat16": (2.0**-7, 2.0**-126),
+                 "float64": (2.0**-52, 2.0**-1022)}
+
+
+def dtype_name(dtype: Any) -> str:
+    """"float16" for torch.float16, numpy's float16 or "float16"; float32 when None."""
+    name = "float32" if dtype is None else str(getattr(dtype, "name", dtype)).removeprefix("torch.")
+    if name not in FLOAT_FORMATS:
+        raise ValueError(f"unknown logits dtype {dtype!r}; known: {', '.join(FLOAT_FORMATS)}")
+    return name
+
+
 def spacing(dtype: Any, value: float) -> float:
     """The distance between `value` and the next number representable in `dtype` (one unit in the last place)."""
-    import torch
-
-    info = torch.finfo(dtype)
-    magnitude = max(abs(value), info.tiny)
-    return info.eps * 2.0 ** math.floor(math.log2(magnitude))
+    eps, tiny = FLOAT_FORMATS[dtype_name(dtype)]
+    magnitude = max(abs(value), tiny)
+    return eps * 2.0 ** math.floor(math.log2(magnitude))
 
 
 def prompt_lengths(longest: int, rows: int = 4) -> list[int]:
@@ -42,25 +53,31 @@ def check(greedy: Callable[[list[list[int]], int], tuple[list[list[int]], Any]],
           logit_tolerance: float = LOGIT_TOLERANCE) -> dict[str, Any]:
     """Run each prompt alone and all together; report the first real divergence, if any.
 
-    `logits_dtype` is the dtype the model computed its logits in (float32 when None).
+    `logits_dtype` is the dtype the model computed its logits in (float32 when None). Scores may be torch
+    tensors or numpy arrays; they are compared as float32 numpy arrays.
     """
-    import torch
+    import numpy as np
 
-    dtype = logits_dtype or torch.float32
+    from harness.measure.accuracy import as_float32
+
+    dtype = dtype_name(logits_dtype)
     batched, batched_scores = greedy(prompts, new_tokens)
+    batched_scores = as_float32(batched_scores)
     rows = []
     for index, prompt in enumerate(prompts):
         alone, alone_scores = greedy([prompt], new_tokens)
-        alone, alone_scores = alone[0], alone_scores[0]
+        alone, alone_scores = alone[0], as_float32(alone_scores)[0]
         row = {"row": index, "prompt_tokens": len(prompt), "consistent": True, "steps": new_tokens}
         for step, (a, b) in enumerate(zip(alone, batched[index], strict=True)):
             if a == b:
                 continue
             margin = float(alone_scores[step, a] - alone_scores[step, b])
             threshold = max(tie_margin, 2 * spacing(dtype, float(alone_scores[step, a])))
-            both = alone_scores[step].isfinite() & batched_scores[index, step].isfinite()  # min_new_tokens masks EOS
-            gap = float((batched_scores[index, step] - alone_scores[step])[both].abs().max()) if both.any() else None
-            scale = float(alone_scores[step][both].std()) if int(both.sum()) > 1 else 0.0
+            # min_new_tokens masks EOS with -inf
+            both = np.isfinite(alone_scores[step]) & np.isfinite(batched_scores[index, step])
+            gap = float(np.abs(batched_scores[index, step][both] - alone_scores[step][both]).max()) if both.any() \
+                else None
+            scale = float(alone_scores[step][both].std(ddof=1)) if int(both.sum()) > 1 else 0.0
             relative = gap / scale if gap is not None and scale > 0 else None
             row.update(first_divergence=step, alone_token=a, batched_token=b, logit_margin=margin,
                        tie_threshold=threshold, batched_logit_gap=gap, relative_gap=relative)
@@ -70,7 +87,7 @@ def check(greedy: Callable[[list[list[int]], int], tuple[list[list[int]], Any]],
             break
         rows.append(row)
     return {"consistent": all(r["consistent"] for r in rows), "new_tokens": new_tokens,
-            "tie_margin": tie_margin, "logit_tolerance": logit_tolerance, "logits_dtype": str(dtype),
+            "tie_margin": tie_margin, "logit_tolerance": logit_tolerance, "logits_dtype": dtype,
             "rows": rows}
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 TOP_K = 64
-FORMAT = 1  # bump when what a reference file holds changes
+FORMAT = 2  # bump when what a reference file holds changes (2: numpy arrays in reference.npz)
 
 
 class ReferenceError(ValueError):
@@ -35,31 +35,30 @@ class Reference:
     """The reference's view of the evaluation ids: top-k ids and log-probs and NLL per scored position."""
 
     key: dict[str, Any]
-    top_ids: Any  # LongTensor [positions, k]
-    top_logprobs: Any  # FloatTensor [positions, k]
-    nll: Any  # DoubleTensor [positions]
+    top_ids: Any  # int64 [positions, k], numpy
+    top_logprobs: Any  # float32 [positions, k]
+    nll: Any  # float64 [positions]
 
     def save(self, path: Path) -> None:
-        import torch
+        import numpy as np
 
         from harness.cache import atomic_directory
 
         with atomic_directory(path) as tmp:
-            torch.save({"top_ids": self.top_ids, "top_logprobs": self.top_logprobs, "nll": self.nll},
-                       tmp / "reference.pt")
+            np.savez(tmp / "reference.npz", top_ids=self.top_ids, top_logprobs=self.top_logprobs, nll=self.nll)
             (tmp / "key.json").write_text(json.dumps(self.key, indent=1, sort_keys=True))
 
     @classmethod
     def load(cls, path: Path, expected_key: dict[str, Any]) -> Reference:
         """Load a cached reference, refusing one made for another model, method or protocol."""
-        import torch
+        import numpy as np
 
         stored = json.loads((path / "key.json").read_text())
         if stored != expected_key:
             changed = sorted(k for k in set(stored) | set(expected_key) if stored.get(k) != expected_key.get(k))
             raise ReferenceError(f"{path}: reference made for another {', '.join(changed)}; it is not used")
-        data = torch.load(path / "reference.pt", weights_only=True)
-        return cls(stored, data["top_ids"], data["top_logprobs"], data["nll"])
+        with np.load(path / "reference.npz", allow_pickle=False) as data:
+            return cls(stored, data["top_ids"], data["top_logprobs"], data["nll"])
 
 
 def reference_key(model: dict[str, Any], method: dict[str, Any], protocol: dict[str, Any], eval_digest: str,
@@ -85,15 +84,21 @@ class Collector:
         self.nll: list[Any] = []
 
     def add(self, log_probs: Any, nll: Any) -> None:
-        values, ids = log_probs.topk(min(self.top_k, log_probs.shape[-1]), dim=-1)
-        self.top_ids.append(ids.cpu())
-        self.top_logprobs.append(values.cpu())
-        self.nll.append(nll.cpu())
+        import numpy as np
+
+        k = min(self.top_k, log_probs.shape[-1])
+        ids = np.argpartition(-log_probs, k - 1, axis=1)[:, :k]
+        values = np.take_along_axis(log_probs, ids, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")  # most likely first: column 0 is the top-1 token
+        self.top_ids.append(np.take_along_axis(ids, order, axis=1).astype(np.int64))
+        self.top_logprobs.append(np.take_along_axis(values, order, axis=1))
+        self.nll.append(nll)
 
     def reference(self, key: dict[str, Any]) -> Reference:
-        import torch
+        import numpy as np
 
-        return Reference(key, torch.cat(self.top_ids), torch.cat(self.top_logprobs), torch.cat(self.nll))
+        return Reference(key, np.concatenate(self.top_ids), np.concatenate(self.top_logprobs),
+                         np.concatenate(self.nll))
 
 
 class Comparer:
@@ -107,41 +112,42 @@ class Comparer:
         self.nll: list[Any] = []
 
     def add(self, log_probs: Any, nll: Any) -> None:
+        import numpy as np
 
         n = log_probs.shape[0]
-        ref_ids = self.reference.top_ids[self.offset:self.offset + n].to(log_probs.device)
-        ref_lp = self.reference.top_logprobs[self.offset:self.offset + n].to(log_probs.device).double()
+        ref_ids = self.reference.top_ids[self.offset:self.offset + n]
+        ref_lp = self.reference.top_logprobs[self.offset:self.offset + n].astype(np.float64)
         if ref_ids.shape[0] != n:
             raise ReferenceError(f"the reference covers {self.reference.top_ids.shape[0]} positions; "
                                  f"this run scored more")
         self.offset += n
-        lp = log_probs.gather(1, ref_ids).double()
-        p = ref_lp.exp()
-        kld = (p * (ref_lp - lp)).sum(dim=1)
-        rest_p = (1 - p.sum(dim=1)).clamp_min(1e-12)
-        rest_q = (1 - lp.exp().sum(dim=1)).clamp_min(1e-12)
-        kld = kld + rest_p * (rest_p.log() - rest_q.log())
-        self.kld.append(kld.clamp_min(0).cpu())
-        self.agree.append((log_probs.argmax(dim=1) == ref_ids[:, 0]).cpu())
-        self.nll.append(nll.cpu())
+        lp = np.take_along_axis(log_probs, ref_ids, axis=1).astype(np.float64)
+        p = np.exp(ref_lp)
+        kld = (p * (ref_lp - lp)).sum(axis=1)
+        rest_p = np.maximum(1 - p.sum(axis=1), 1e-12)
+        rest_q = np.maximum(1 - np.exp(lp).sum(axis=1), 1e-12)
+        kld = kld + rest_p * (np.log(rest_p) - np.log(rest_q))
+        self.kld.append(np.maximum(kld, 0))
+        self.agree.append(log_probs.argmax(axis=1) == ref_ids[:, 0])
+        self.nll.append(nll)
 
     def figures(self) -> dict[str, float]:
         """kld_mean, kld_p99, kld_max, top1_agreement, ppl_ratio and the ratio's standard error."""
-        import torch
+        import numpy as np
 
         if self.offset != self.reference.top_ids.shape[0]:
             raise ReferenceError(f"this run scored {self.offset} positions, the reference "
                                  f"{self.reference.top_ids.shape[0]}")
-        kld = torch.cat(self.kld)
-        diff = torch.cat(self.nll).double() - self.reference.nll.double()
-        n = diff.numel()
-        ratio = math.exp(diff.mean().item())
-        stderr = ratio * (diff.std().item() / math.sqrt(n) if n > 1 else 0.0)
+        kld = np.concatenate(self.kld)
+        diff = np.concatenate(self.nll).astype(np.float64) - self.reference.nll.astype(np.float64)
+        n = diff.size
+        ratio = math.exp(float(diff.mean()))
+        stderr = ratio * (float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0)
         return {
-            "kld_mean": kld.mean().item(),
-            "kld_p99": torch.quantile(kld.double(), 0.99).item(),
-            "kld_max": kld.max().item(),
-            "top1_agreement": torch.cat(self.agree).double().mean().item(),
+            "kld_mean": float(kld.mean()),
+            "kld_p99": float(np.quantile(kld, 0.99)),
+            "kld_max": float(kld.max()),
+            "top1_agreement": float(np.concatenate(self.agree).mean()),
             "ppl_ratio": ratio,
             "ppl_ratio_stderr": stderr,
         }

@@ -26,7 +26,6 @@ from harness.gguf import GGUFError, _quiet_llama_cpp, check_gguf, gguf_file, rea
 from harness.methods.base import Method, MethodUnavailable, Param
 
 CONTEXT_ROUND = 256  # per-sequence context sizes are rounded up to this, so small changes reuse the context
-PARITY_CHARS = 2000  # held-out characters tokenized by both tokenizers
 
 
 @dataclass
@@ -242,11 +241,10 @@ class GGUFMethod(Method):
         """Greedy ids and per-step scores for prompts of different lengths: each row is its own sequence,
         so nothing is padded."""
         import numpy as np
-        import torch
 
         scores = np.empty((len(rows), new_tokens, model.n_vocab), dtype=np.float32)
         ids = self._greedy(model, rows, new_tokens, None, scores=scores)
-        return ids.tolist(), torch.from_numpy(scores)
+        return ids.tolist(), scores
 
     def _greedy(self, model: GGUFModel, rows: list[list[int]], new_tokens: int, streamer: Any,
                 scores: Any) -> Any:
@@ -257,7 +255,6 @@ class GGUFMethod(Method):
         """
         import llama_cpp
         import numpy as np
-        import torch
 
         n_rows = len(rows)
         lengths = np.array([len(row) for row in rows], dtype=np.int32)
@@ -276,7 +273,7 @@ class GGUFMethod(Method):
 
         llama_cpp.llama_perf_context_reset(model.context)
         if streamer is not None:
-            streamer.put(torch.from_numpy(flat))
+            streamer.put(flat)
         logits = self._decode(model, flat, positions, np.repeat(seqs, lengths), last)
         chosen[0] = logits.argmax(axis=1)
         if scores is not None:
@@ -284,7 +281,7 @@ class GGUFMethod(Method):
         if delay_s:
             time.sleep(delay_s)
         if streamer is not None:
-            streamer.put(torch.from_numpy(chosen[0]))
+            streamer.put(chosen[0])
         first_token_at = time.perf_counter()
         after_prefill = llama_cpp.llama_perf_context(model.context)
         if one_call:  # every step below is one llama_decode of all rows: set the fixed fields once
@@ -303,7 +300,7 @@ class GGUFMethod(Method):
             if delay_s:
                 time.sleep(delay_s)
             if streamer is not None:
-                streamer.put(torch.from_numpy(chosen[step]))
+                streamer.put(chosen[step])
         host_decode_ms = (time.perf_counter() - first_token_at) * 1000
         end = llama_cpp.llama_perf_context(model.context)
         ids = chosen.T.copy()
@@ -342,14 +339,13 @@ class GGUFMethod(Method):
 
     def logits(self, model: GGUFModel, ids: list[int]) -> Any:
         import numpy as np
-        import torch
 
         n = len(ids)
         self._ensure_context(model, n_seq=1, n_ctx_seq=n)
         self._clear(model)
         out = self._decode(model, np.asarray(ids, dtype=np.int32), np.arange(n, dtype=np.int32),
                            np.zeros(n, dtype=np.int32), np.ones(n, dtype=np.int8))
-        return torch.from_numpy(out)
+        return out.copy()  # llama.cpp's logits buffer is overwritten by the next decode
 
     # ---- checks and records -------------------------------------------------------------------------
 
@@ -372,7 +368,8 @@ class GGUFMethod(Method):
         import llama_cpp
 
         if model.tokenizer_parity is None:
-            model.tokenizer_parity = tokenizer_parity(model)
+            reference = self.inputs["tokenizer_check"] if self.inputs is not None else hf_tokens(model.source)
+            model.tokenizer_parity = tokenizer_parity(model, reference)
         context = model.context
         sha256 = model.sidecar.get("sha256") or file_sha256(model.path)
         differences = model.perf_differences
@@ -394,6 +391,7 @@ class GGUFMethod(Method):
             "n_seq_max": model.n_seq_max,
             "n_ctx_per_seq": model.n_ctx_seq,
             "llama_cpp_python": version("llama_cpp_python"),
+            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),  # build flags
             "convert_s": model.sidecar.get("convert_s"),
             "quantize_s": model.sidecar.get("quantize_s"),
             "perf_check": {"calls": len(differences),
@@ -402,33 +400,47 @@ class GGUFMethod(Method):
         }
 
 
-def tokenizer_parity(model: GGUFModel) -> dict[str, Any]:
-    """Compare the source's Hugging Face tokenizer with llama.cpp's on held-out text; say why when not compared."""
+def hf_tokens(folder: Path | None) -> dict[str, Any] | None:
+    """The held-out check text and its ids under the folder's Hugging Face tokenizer (None: it has none).
+
+    For a method used outside the suite's worker; there the prepare process makes these (harness/worker.py).
+    """
+    if folder is None or not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model",
+                                                                   "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    from harness.models import tokenizer_check_text
+
+    text = tokenizer_check_text()
+    return {"text": text, "ids": list(AutoTokenizer.from_pretrained(str(folder))(text, add_special_tokens=True)
+                                      ["input_ids"])}
+
+
+def tokenizer_parity(model: GGUFModel, reference: dict[str, Any] | None) -> dict[str, Any]:
+    """Compare the source's Hugging Face tokenizer with llama.cpp's on held-out text; say why when not compared.
+
+    `reference` holds the text and the Hugging Face tokenizer's ids of it, made in the prepare process (this
+    one does not load transformers, which loads torch); None when the model has no such tokenizer.
+    """
     import llama_cpp
 
     if model.vocab_kind == "placeholder":
         return {"status": "not compared", "reason": "the GGUF vocabulary is a placeholder (no SentencePiece "
                 "tokenizer in the source); the suite feeds token ids"}
-    folder = model.source
-    if folder is None or not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model",
-                                                                   "tokenizer_config.json")):
+    if reference is None:
         return {"status": "not compared", "reason": "no Hugging Face tokenizer beside the model"}
-    from transformers import AutoTokenizer
-
-    from harness.corpus import split
-
-    text = split().heldout[:PARITY_CHARS]
-    reference = list(AutoTokenizer.from_pretrained(str(folder))(text, add_special_tokens=True)["input_ids"])
+    text, expected = reference["text"], list(reference["ids"])
     encoded = text.encode("utf-8")
     buffer = (llama_cpp.llama_token * (len(encoded) + 16))()
     n = llama_cpp.llama_tokenize(model.vocab, encoded, len(encoded), buffer, len(buffer), True, False)
     if n < 0:
         return {"status": "error", "reason": f"llama_tokenize needed {-n} tokens, more than the buffer"}
     ours = list(buffer[:n])
-    first = next((i for i, (a, b) in enumerate(zip(reference, ours, strict=False)) if a != b),
-                 None if len(reference) == len(ours) else min(len(reference), len(ours)))
+    first = next((i for i, (a, b) in enumerate(zip(expected, ours, strict=False)) if a != b),
+                 None if len(expected) == len(ours) else min(len(expected), len(ours)))
     return {"status": "match" if first is None else "mismatch", "characters": len(text),
-            "hf_tokens": len(reference), "llama_cpp_tokens": len(ours), "first_difference": first}
+            "hf_tokens": len(expected), "llama_cpp_tokens": len(ours), "first_difference": first}
 
 
 def _meta(llama_model: Any, key: str) -> str | None:
