@@ -329,7 +329,8 @@ def _consistency(method: Any, model: Any, all_ids: list[list[int]], run: RunConf
     prompts = [row[:length] for row, length in zip(all_ids[:len(lengths)], lengths, strict=True)]
     try:
         report = consistency.check(lambda rows, n: method.greedy(model, rows, n), prompts, run.consistency_tokens,
-                                   logits_dtype=method.logits_dtype(model))
+                                   logits_dtype=method.logits_dtype(model),
+                                   logit_tolerance=method.consistency_tolerance())
     except NotImplementedError as exc:
         report = {"consistent": None, "reason": f"not checked: {exc}"}
     except _out_of_memory(method) as exc:

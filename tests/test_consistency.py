@@ -1,5 +1,6 @@
 """Batch consistency: a left-padding bug is caught at its first diverging token; near ties are not bugs."""
 
+import pytest
 import torch
 
 from harness.measure.consistency import check, describe_failure, prompt_lengths
@@ -105,3 +106,28 @@ def test_batch_variant_numerics_pass_and_a_changed_distribution_fails():
     row = large["rows"][0]
     assert not large["consistent"] and row["relative_gap"] > 1
     assert "standard deviations > 0.1" in describe_failure(large)
+
+
+def test_a_few_units_of_a_coarse_dtype_are_numerics_but_not_of_a_fine_one():
+    # top logit 9: a bf16 step is 2**-4; the batched logits moved by 0.4 (6.4 bf16 steps, over 0.1 standard
+    # deviations), and the alone margin 0.2 is no tie
+    greedy = one_flip(margin=0.2, top=9.0, gap=0.4)
+    bf16 = check(greedy, [[1, 2], [3]], 3, logits_dtype=torch.bfloat16)
+    row = bf16["rows"][0]
+    assert bf16["consistent"] and row["close"] and not row["tie"] and row["relative_gap"] > 0.1
+    assert row["gap_ulps"] == pytest.approx(0.4 / 2**-4, rel=1e-3)
+    fp32 = check(greedy, [[1, 2], [3]], 3)
+    assert not fp32["consistent"] and "units of float32 > 8" in describe_failure(fp32)
+    padding_bug = check(one_flip(margin=0.2, top=9.0, gap=4.0), [[1, 2], [3]], 3, logits_dtype=torch.bfloat16)
+    assert not padding_bug["consistent"]
+
+
+def test_a_batch_variant_algorithm_declares_a_larger_tolerance_that_still_catches_a_padding_bug():
+    from harness.methods.bnb import BitsAndBytesMethod
+
+    int8 = BitsAndBytesMethod({"quant": "int8"}, "cpu").consistency_tolerance()
+    assert int8 == 0.75 and BitsAndBytesMethod({"quant": "nf4"}, "cpu").consistency_tolerance() == 0.1
+    variant = check(one_flip(margin=0.3, top=5.0, gap=1.0), [[1, 2], [3]], 3, logit_tolerance=int8)
+    assert variant["consistent"] and 0.1 < variant["rows"][0]["relative_gap"] <= int8
+    assert not check(one_flip(margin=0.3, top=5.0, gap=1.0), [[1, 2], [3]], 3)["consistent"]
+    assert not check(one_flip(margin=0.3, top=5.0, gap=4.0), [[1, 2], [3]], 3, logit_tolerance=int8)["consistent"]

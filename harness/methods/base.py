@@ -178,6 +178,14 @@ class Method(ABC):
         """The resolved settings that decide this method's figures, recorded with every result."""
         return {"backend": self.NAME, "params": dict(self.params)}
 
+    def consistency_tolerance(self) -> float:
+        """The batched-vs-alone logit change, in standard deviations of the logits, that batch consistency
+        accepts as arithmetic (harness/measure/consistency.py); an algorithm that is batch-variant by design
+        says so here with a larger one."""
+        from harness.measure.consistency import LOGIT_TOLERANCE
+
+        return LOGIT_TOLERANCE
+
     def verify(self, model: Any, generated: bool) -> None:  # noqa: B027 - most methods have nothing to verify
         """Raise when the model is not what the parameters asked for (a silent fallback).
 
