@@ -62,3 +62,31 @@ def test_prepare_runs_in_its_own_process_and_hands_its_record_to_the_measured_on
     assert cell.figures["quantize_s"].value == 1.5
     assert cell.figures["quantize_peak_anon_rss_mib"].value == prepared.prepared["peak_mib"]
     assert cell.details["quantization"]["kernels"]["kernel_warm_s"] == 0.25
+
+
+def test_the_gpu_paths_of_an_engine_without_torch_never_import_it():
+    """What a torch-free measured process runs on a GPU runner (device facts, NVML memory tracking, the host
+    clock) works with torch refused, and an import of torch is refused with the reason."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from harness.worker import refuse_torch
+refuse_torch("GGUFMethod")
+from harness.hardware import environment, machine_info
+from harness.measure.memory import track_memory
+from harness.measure.throughput import timed
+with track_memory("cuda", False) as memory, timed("cpu") as seconds:
+    sum(range(1000))
+env = environment()
+info = machine_info("cpu")
+assert "torch" not in sys.modules and seconds[0] > 0 and "peak_rss_mib" in memory and "torch_cuda" not in env
+try:
+    import torch  # noqa: F401
+except ImportError as exc:
+    print("refused:", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "refused: import of 'torch' refused: GGUFMethod is measured in a process without torch" in done.stdout
