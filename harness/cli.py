@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "bandwidth":
         import json
 
-        from harness.hardware import environment, gpu_info, hardware_key
+        from harness.hardware import environment, gpu_info, hardware_key, machine_info
         from harness.measure.bandwidth import measure_bandwidth, write_bandwidth
 
         device = args.device or ("cuda" if gpu_info() else "cpu")
@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                          indent=2))
         print(f"{key}: {measured['bytes_per_s'] / 1e9:.0f} GB/s (±{100 * measured['spread']:.1f}%)")
         if args.write:
-            env = environment()
-            print(write_bandwidth(store.root, key, measured, {"gpu": gpu_info()} if device == "cuda" else {},
-                                  {k: env[k] for k in env if k != "packages"}))
+            print(write_bandwidth(store.root, key, measured, machine_info(device), environment()))
     elif args.command == "keys":
         from harness.hardware import gpu_info, hardware_key
 

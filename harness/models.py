@@ -249,8 +249,10 @@ def ids_digest(ids: list[list[int]] | list[int]) -> str:
 TOKENIZER_CHECK_CHARS = 2000  # held-out characters an engine's own tokenizer is compared on
 
 
-def tokenizer_check_text() -> str:
-    """The held-out text on which an engine's tokenizer is compared with the model's Hugging Face tokenizer."""
+def tokenizer_check(tokenizer: Any) -> dict[str, Any]:
+    """The held-out text on which an engine's tokenizer is compared with the model's Hugging Face tokenizer,
+    and that tokenizer's ids of it."""
     from harness.corpus import split
 
-    return split().heldout[:TOKENIZER_CHECK_CHARS]
+    text = split().heldout[:TOKENIZER_CHECK_CHARS]
+    return {"text": text, "ids": list(tokenizer(text, add_special_tokens=True)["input_ids"])}

@@ -222,7 +222,8 @@ class QuantBench:
         if key in self.references:
             return
         outcome = run_isolated({**job, "method_class": BACKENDS[reference.backend], "method": reference.to_dict(),
-                                "reference": {"method": reference.to_dict(), "role": "compute"}},
+                                "reference": {"method": reference.to_dict(), "role": "compute"},
+                                "prepared": None},  # the cell's method's record is not the reference's
                                cell.suite.run.cell_timeout_s, env)
         # a failed reference leaves the cells without divergence figures; their details say why
         self.references[key] = f"{outcome.status}: {outcome.reason}" if outcome.status != "ok" else "ok"

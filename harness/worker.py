@@ -38,7 +38,7 @@ from harness.measure.divergence import Collector, Comparer, Reference, reference
 from harness.measure.memory import track_memory
 from harness.measure.throughput import measure_generation, timed
 from harness.methods import MethodUnavailable, method_class
-from harness.models import ResolvedModel, eval_ids, ids_digest, prompt_ids, resolve, tokenizer_check_text
+from harness.models import ResolvedModel, eval_ids, ids_digest, prompt_ids, resolve, tokenizer_check
 from harness.results import CellResult, Figure
 
 
@@ -103,20 +103,15 @@ def _tokenizer(resolved: Any) -> Any:
 
 
 def _inputs(resolved: Any, tokenizer: Any, job: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The token ids a measured process feeds: evaluation ids, prompt rows, and the tokenizer's ids of the
-    held-out text that an engine compares its own tokenizer with."""
+    """What a measured process feeds the model: evaluation ids, prompt rows (4 at least, for the batch
+    consistency check), and the tokenizer's ids of the held-out text an engine compares its own with."""
     run = RunConfig(**job["run"])
-    inputs: dict[str, Any] = {
+    return {
         "resolved": dataclasses.asdict(resolved),
         "eval_ids": eval_ids(resolved, tokenizer, AccuracyConfig(**job["accuracy"]), seed),
         "prompt_ids": prompt_ids(resolved, tokenizer, max(4, *job["batch_sizes"]), run.prompt_tokens, seed),
-        "tokenizer_check": None,
+        "tokenizer_check": tokenizer_check(tokenizer) if tokenizer is not None else None,
     }
-    if tokenizer is not None:
-        text = tokenizer_check_text()
-        inputs["tokenizer_check"] = {"text": text,
-                                     "ids": list(tokenizer(text, add_special_tokens=True)["input_ids"])}
-    return inputs
 
 
 def run_job(job: dict[str, Any], out: _Output) -> None:
@@ -125,27 +120,28 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     random.seed(seed)
     device = job["device"]
     method = method_class(job["method_class"])(job["method"]["params"], device)
-    if method.TORCH_DEVICE or job.get("prepare_only"):
+    torch_free = not method.TORCH_DEVICE and not job.get("prepare_only")  # see the module docstring
+    if torch_free:
+        refuse_torch(type(method).__name__)
+        log(f"{type(method).__name__}: measured without torch (torch refused in this process)")
+    else:
         import torch
 
         torch.manual_seed(seed)
-    else:
-        refuse_torch(type(method).__name__)
-        log(f"{type(method).__name__}: measured without torch (torch refused in this process)")
     try:
         method.check_available()
     except MethodUnavailable as exc:
         out.finish("skipped", str(exc))
         return
 
-    if method.TORCH_DEVICE or job.get("prepare_only"):
+    if not torch_free:
         resolved = resolve(ModelSpec(**job["model"]), log=log)
-    else:  # resolving the embedded model imports torch: the prepare process resolved it
-        if "inputs" not in (job.get("prepared") or {}):
-            raise RuntimeError(f"{type(method).__name__} is measured without torch, on the model and ids its "
-                               "prepare process resolves: run the job with prepare_only and prepare_method first "
-                               "and pass its 'prepared' record (harness/plugin.py does)")
+    elif "inputs" in (job.get("prepared") or {}):  # resolving the embedded model imports torch
         resolved = ResolvedModel(**job["prepared"]["inputs"]["resolved"])
+    else:
+        raise RuntimeError(f"{type(method).__name__} is measured without torch, on the model and ids its "
+                           "prepare process resolves: run the job with prepare_only and prepare_method first "
+                           "and pass its 'prepared' record (harness/plugin.py does)")
     if job.get("prepare_only"):
         # building the embedded or synthetic weights, and a method's checkpoint, happens here, outside the
         # process that is measured
@@ -171,11 +167,10 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     method.prepared = job.get("prepared")
     if method.prepared is None:
         method.prepared = method.prepare(resolved, seed, log)  # nothing was prepared for this job: do it here
-    inputs = (method.prepared or {}).get("inputs")
-    method.inputs = inputs
-    tokenizer = _tokenizer(resolved) if inputs is None else None
+    tokenizer = None if torch_free else _tokenizer(resolved)  # transformers loads torch
+    method.inputs = (method.prepared or {}).get("inputs") or _inputs(resolved, tokenizer, job, seed)
     accuracy = AccuracyConfig(**job["accuracy"])
-    ids = inputs["eval_ids"] if inputs else eval_ids(resolved, tokenizer, accuracy, seed)
+    ids = method.inputs["eval_ids"]
     reference = job.get("reference")
     key = reference_key(resolved.provenance, reference["method"], job["accuracy"], ids_digest(ids)) if reference \
         else None
@@ -208,8 +203,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         "hardware": machine_info(device),
     }
     run = RunConfig(**job["run"])
-    all_ids = inputs["prompt_ids"] if inputs else prompt_ids(resolved, tokenizer, max(4, *job["batch_sizes"]),
-                                                             run.prompt_tokens, seed)
+    all_ids = method.inputs["prompt_ids"]
     model_cell = CellResult(batch_size=None, figures={"load_s": Figure(load_s)}, **base,
                             details={"model": resolved.provenance, "synthetic": resolved.synthetic,
                                      "load_peak_rss_mib": load_memory["peak_rss_mib"].value})

@@ -165,3 +165,18 @@ def test_gate_pools_a_cell_measured_twice_in_one_run(tmp_path, capsys):
     main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)])
     out = capsys.readouterr().out
     assert out.count("decode_tokens_per_s of fp16|m|b1") == 1 and "measured 55.5 tokens/s" in out  # median of all six
+
+
+def test_bandwidth_write_stores_the_measurement_with_its_provenance(tmp_path, capsys):
+    from harness.hardware import hardware_key
+    from harness.measure.bandwidth import read_bandwidth
+
+    store = tmp_path / "baselines"
+    assert main(["--baselines-dir", str(store), "bandwidth", "--device", "cpu", "--size-mib", "4", "--repeats", "3",
+                 "--write"]) == 0
+    key = hardware_key("cpu")
+    value, _ = read_bandwidth(store, key)
+    stored = json.loads((store / key / "hardware" / "memory-bandwidth.json").read_text())
+    assert value > 0 and stored["hardware"]["hardware_key"] == key and "torch" in stored["versions"]["packages"]
+    assert f"{key}: {value / 1e9:.0f} GB/s" in capsys.readouterr().out
+    assert main(["--baselines-dir", str(store), "bandwidth", "--device", "cpu", "--repeats", "0"]) == 2

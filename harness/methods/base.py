@@ -36,7 +36,7 @@ class Method(ABC):
         self.params = {name: params.get(name, p.default) for name, p in self.PARAMS.items()}
         self.device = device
         self.inject_delay_ms = 0.0  # testing the gate only: sleep this long per generated token
-        self.inputs: dict[str, Any] | None = None  # ids made by the prepare process (engines without torch)
+        self.inputs: dict[str, Any] | None = None  # the ids the worker feeds (harness/worker.py: _inputs)
         self.prepared: dict[str, Any] | None = None  # what `prepare` returned, handed to the measuring process
 
     @classmethod

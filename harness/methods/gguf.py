@@ -410,11 +410,9 @@ def hf_tokens(folder: Path | None) -> dict[str, Any] | None:
         return None
     from transformers import AutoTokenizer
 
-    from harness.models import tokenizer_check_text
+    from harness.models import tokenizer_check
 
-    text = tokenizer_check_text()
-    return {"text": text, "ids": list(AutoTokenizer.from_pretrained(str(folder))(text, add_special_tokens=True)
-                                      ["input_ids"])}
+    return tokenizer_check(AutoTokenizer.from_pretrained(str(folder)))
 
 
 def tokenizer_parity(model: GGUFModel, reference: dict[str, Any] | None) -> dict[str, Any]:
