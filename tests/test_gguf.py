@@ -133,6 +133,61 @@ def test_batched_rows_equal_rows_generated_alone(embedded_folder, qtype):
         assert model.last_tokens[0].tolist() == batched[i].tolist(), f"row {i}"
 
 
+def test_tokens_chosen_on_the_device_equal_the_host_argmax(embedded_folder):
+    """llama.cpp's backend greedy sampler (token_choice "device") picks what numpy's argmax of the logits
+    picks, and what the logits-returning path (batch consistency) picks, also across a prefill that is split
+    into several llama_decode calls (a prompt longer than n_batch); switching kinds of context keeps that."""
+    rows = [random_ids(4096, n=n, seed=seed) for seed, n in enumerate((24, 40, 300))]
+    chosen = {}
+    for choice in ("device", "host"):
+        method, model = load(embedded_folder, qtype="q8_0", token_choice=choice, n_batch=128, n_ubatch=128)
+        rows = [[i % model.n_vocab for i in row] for row in rows]
+        method.generate(model, rows, 10, None)
+        assert model.sampled is (choice == "device") and len(model.samplers) == (model.n_seq_max if
+                                                                                 choice == "device" else 0)
+        chosen[choice] = model.last_tokens.tolist()
+        scored, scores = method.greedy(model, rows, 10)
+        assert not model.sampled and model.samplers == []  # the logits path left the sampled context
+        assert scored == chosen[choice] and np.asarray(scores).argmax(axis=2).tolist() == scored
+        method.generate(model, rows, 10, None)  # back to a sampled context, with the same result
+        assert model.last_tokens.tolist() == chosen[choice]
+        assert method.describe(model)["token_choice"] == choice
+    assert chosen["device"] == chosen["host"]
+
+
+@pytest.mark.parametrize("which", ["embedded", "tiny"])
+def test_a_row_mixup_fails_batch_consistency_even_at_the_gpu_tolerance(which, embedded_folder, tiny_folder):
+    """llama.cpp on CUDA is batch-variant (harness/methods/gguf.py), so its consistency tolerance is wider there.
+    A batching bug still fails under it: feeding each row its neighbour's token moves the logits by several
+    standard deviations, on the trained model and on random weights alike; the clean run passes."""
+    from harness.measure import consistency
+    from harness.methods.gguf import CUDA_CONSISTENCY_TOLERANCE
+
+    assert GGUFMethod({}, "cuda").consistency_tolerance() == CUDA_CONSISTENCY_TOLERANCE
+    assert GGUFMethod({}, "cpu").consistency_tolerance() == consistency.LOGIT_TOLERANCE
+    method, model = load(embedded_folder if which == "embedded" else tiny_folder, qtype="q8_0")
+    prompts = [random_ids(model.n_vocab, n=n, seed=seed) for seed, n in enumerate(consistency.prompt_lengths(64))]
+
+    def check():
+        return consistency.check(lambda rows, n: method.greedy(model, rows, n), prompts, 16,
+                                 logit_tolerance=CUDA_CONSISTENCY_TOLERANCE)
+
+    assert check()["consistent"]
+    run = method._run
+
+    def mixed_up(model, n_outputs):
+        k = model.batch.n_tokens
+        if 1 < k == n_outputs <= len(prompts):  # a decode step of several rows: each gets its neighbour's token
+            model.tokens[:k] = np.roll(model.tokens[:k].copy(), 1)
+        return run(model, n_outputs)
+
+    method._run = mixed_up
+    report = check()
+    assert not report["consistent"]
+    gaps = [row["relative_gap"] for row in report["rows"] if not row["consistent"]]
+    assert gaps and min(gaps) > CUDA_CONSISTENCY_TOLERANCE, report["rows"]
+
+
 def test_perf_counters_are_recorded_and_checked(embedded_folder):
     method, model = load(embedded_folder, qtype="q4_K_M")
     method.generate(model, [random_ids(model.n_vocab, n=32)] * 2, 16, None)

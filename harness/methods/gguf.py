@@ -5,6 +5,12 @@ Every row of a batch is its own llama.cpp sequence, and each decode step is one 
 and recreated, never the model, when a call needs more sequences or a longer context than it has; in the
 suite that happens in a batch size's first warm-up run, outside the timed region.
 
+In `generate()` the next token is chosen the way torch's `generate` chooses it, on the device: llama.cpp's
+greedy sampler runs inside the decode graph (backend sampling, `llama_context_params.samplers`) and only the
+ids come back, not a [rows, vocab] block of logits for numpy's argmax (`token_choice = "host"` does that).
+Perplexity and the batch-consistency check read raw logits from a context without samplers; the two kinds
+of context are recreated when a call needs the other, which in the suite happens in warm-up runs.
+
 After each `generate()` the method reads llama.cpp's own counters (`llama_perf_context`) and `verify()`
 fails the batch size when llama.cpp's decode time and the host's decode time, measured the way the suite
 measures it, differ by more than the `perf_tolerance` parameter (5 %): a cross-check that the suite's
@@ -26,6 +32,13 @@ from harness.gguf import GGUFError, _quiet_llama_cpp, check_gguf, gguf_file, rea
 from harness.methods.base import Method, MethodUnavailable, Param
 
 CONTEXT_ROUND = 256  # per-sequence context sizes are rounded up to this, so small changes reuse the context
+# Batch consistency on a GPU (Method.consistency_tolerance): llama.cpp's CUDA backend picks its matrix kernels by
+# the number of tokens in a step (a vector kernel for a few, tiled int8 kernels or dequantize + cuBLAS for more;
+# ggml-org/llama.cpp#3014), so a row decoded beside others is computed differently from the row alone. On the
+# H200 the first divergent step of TinyLlama-1.1B and Llama-2-7B (synthetic) x q8_0, q4_0, q4_K_M moved the
+# batched logits by 0.15-1.02 standard deviations; a row fed its neighbour's token (a batching bug) moves them
+# by 2.4-4.8 on the CPU (tests/test_gguf.py). On the CPU llama.cpp is batch-invariant and the default holds.
+CUDA_CONSISTENCY_TOLERANCE = 1.5
 
 
 @dataclass
@@ -50,6 +63,8 @@ class GGUFModel:
     n_seq_ids: Any = None
     outputs: Any = None
     seq_ids: Any = None  # the sequence id last written to each batch slot
+    sampled: bool = False  # the context runs a greedy sampler per sequence (token_choice "device")
+    samplers: list[Any] = field(default_factory=list)  # its sampler chains, kept alive for llama.cpp
     last_perf: dict[str, float] | None = None  # llama.cpp's counters and the host's timing of the last generate()
     perf_unverified: list[dict[str, float]] = field(default_factory=list)  # since the last verify()
     perf_differences: list[float] = field(default_factory=list)  # relative differences of every generate()
@@ -76,6 +91,10 @@ class GGUFMethod(Method):
         "n_batch": Param(int, 512, "most tokens per llama_decode call (longer prompts are split)"),
         "n_ubatch": Param(int, 512, "most tokens per physical batch inside llama.cpp"),
         "n_threads": Param(int, 0, "CPU threads for decode and prefill (0: llama.cpp's default, 4)"),
+        "token_choice": Param(str, "device", "where generate() picks each next token: 'device' runs "
+                              "llama.cpp's greedy sampler in the decode graph and returns ids, as torch's "
+                              "generate does; 'host' copies the logits back and takes numpy's argmax",
+                              ("device", "host")),
         "perf_tolerance": Param(float, 0.05, "verify(): largest relative difference between llama.cpp's own "
                                 "decode time and the suite's; the host loop costs ~40 us a step, so models "
                                 "whose steps take well under a millisecond need more"),
@@ -93,6 +112,9 @@ class GGUFMethod(Method):
             if not llama_cpp.llama_supports_gpu_offload():
                 raise MethodUnavailable("llama-cpp-python was built without GPU offload (rebuild it with "
                                         "CMAKE_ARGS=\"-DGGML_CUDA=on\")")
+
+    def consistency_tolerance(self) -> float:
+        return CUDA_CONSISTENCY_TOLERANCE if self.device == "cuda" else super().consistency_tolerance()
 
     def n_gpu_layers(self) -> int:
         """Layers to offload: none on the CPU, whatever the parameter says."""
@@ -150,9 +172,11 @@ class GGUFMethod(Method):
 
         return int(llama_cpp.llama_model_size(model.llama_model))
 
-    def _ensure_context(self, model: GGUFModel, n_seq: int, n_ctx_seq: int) -> None:
-        """Make the context hold `n_seq` sequences of `n_ctx_seq` tokens each, recreating it if it is smaller."""
-        if model.context is not None and n_seq <= model.n_seq_max and n_ctx_seq <= model.n_ctx_seq:
+    def _ensure_context(self, model: GGUFModel, n_seq: int, n_ctx_seq: int, sampled: bool = False) -> None:
+        """Make the context hold `n_seq` sequences of `n_ctx_seq` tokens each, with a greedy sampler per
+        sequence when `sampled` (else raw logits); recreate it if it is smaller or of the other kind."""
+        if (model.context is not None and n_seq <= model.n_seq_max and n_ctx_seq <= model.n_ctx_seq
+                and sampled == model.sampled):
             return
         import llama_cpp
         import numpy as np
@@ -172,11 +196,22 @@ class GGUFMethod(Method):
         params.n_outputs_max_per_seq = 0  # every position of a window has logits (perplexity)
         params.kv_unified = False  # one KV stream per row: rows share no prefix
         params.no_perf = False  # llama.cpp only keeps its timings when asked
+        if sampled:  # llama.h: backend samplers are chains, one per sequence, alive as long as the context
+            config = (llama_cpp.llama_sampler_seq_config * n_seq)()
+            for seq in range(n_seq):
+                chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+                model.samplers.append(chain)
+                config[seq].seq_id = seq
+                config[seq].sampler = ctypes.cast(chain, ctypes.c_void_p)
+            params.samplers, params.n_samplers = config, n_seq
+            params.n_outputs_max_per_seq = 1  # a generate() step outputs one token per sequence
         context = llama_cpp.llama_init_from_model(model.llama_model, params)
         if not context:
+            _free_samplers(model)
             raise RuntimeError(f"llama.cpp could not create a context of {n_seq} sequences x {n_ctx_seq} "
-                               f"tokens for {model.path}")
-        model.context, model.n_seq_max, model.n_ctx_seq = context, n_seq, n_ctx_seq
+                               f"tokens{' with a greedy sampler each' if sampled else ''} for {model.path}")
+        model.context, model.n_seq_max, model.n_ctx_seq, model.sampled = context, n_seq, n_ctx_seq, sampled
         capacity = llama_cpp.llama_n_batch(context)
         model.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
         model.batch_capacity = capacity
@@ -190,9 +225,10 @@ class GGUFMethod(Method):
     # ---- decoding -----------------------------------------------------------------------------------
 
     def _decode(self, model: GGUFModel, tokens: Any, positions: Any, seqs: Any, outputs: Any) -> Any:
-        """Run tokens through llama_decode in chunks of n_batch; return the logits of the output tokens.
+        """Run tokens through llama_decode in chunks of n_batch; return what each output token gives.
 
-        The result is a float32 array [number of outputs, vocab], in the tokens' order.
+        That is the logits, a float32 array [number of outputs, vocab], or in a sampled context the ids the
+        sampler chose, an int32 array [number of outputs]; both in the tokens' order.
         """
         import numpy as np
 
@@ -209,7 +245,10 @@ class GGUFMethod(Method):
                 model.batch.seq_id[j][0] = int(seqs[start + j])
                 model.seq_ids[j] = seqs[start + j]
             model.batch.n_tokens = k
-            parts.append(self._run(model, int(np.count_nonzero(outputs[start:stop]))).copy())
+            if model.sampled:
+                parts.append(self._run_sampled(model, np.flatnonzero(outputs[start:stop]).tolist()))
+            else:
+                parts.append(self._run(model, int(np.count_nonzero(outputs[start:stop]))).copy())
         return np.concatenate(parts)
 
     def _run(self, model: GGUFModel, n_outputs: int) -> Any:
@@ -221,13 +260,32 @@ class GGUFMethod(Method):
         import llama_cpp
         import numpy as np
 
+        self._llama_decode(model)
+        if n_outputs == 0:
+            return np.empty((0, model.n_vocab), dtype=np.float32)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(model.context), shape=(n_outputs, model.n_vocab))
+
+    def _run_sampled(self, model: GGUFModel, slots: Any) -> Any:
+        """llama_decode the batch as filled, in a sampled context; the ids chosen for the given batch slots."""
+        import llama_cpp
+        import numpy as np
+
+        self._llama_decode(model)
+        sampled = llama_cpp.llama_get_sampled_token_ith
+        ids = np.array([sampled(model.context, slot) for slot in slots], dtype=np.int32)
+        if len(ids) and ids.min() < 0:
+            raise RuntimeError(f"llama.cpp's backend sampler returned no token for {model.batch.n_tokens} tokens "
+                               f"({model.path}); its log says why. token_choice = \"host\" picks tokens "
+                               "from the logits instead")
+        return ids
+
+    def _llama_decode(self, model: GGUFModel) -> None:
+        import llama_cpp
+
         status = llama_cpp.llama_decode(model.context, model.batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status} for {model.batch.n_tokens} tokens "
                                f"({model.path}); 1 means no KV cache slot was free")
-        if n_outputs == 0:
-            return np.empty((0, model.n_vocab), dtype=np.float32)
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(model.context), shape=(n_outputs, model.n_vocab))
 
     def _clear(self, model: GGUFModel) -> None:
         import llama_cpp
@@ -251,14 +309,16 @@ class GGUFMethod(Method):
         """Decode all rows together, one llama_decode per step; return the ids [rows, new_tokens].
 
         `scores`, when given, receives each step's logits; otherwise llama.cpp's counters are recorded for
-        the cross-check (the timed path keeps nothing it does not need).
+        the cross-check (the timed path keeps nothing it does not need) and the `token_choice` parameter
+        says where tokens are chosen.
         """
         import llama_cpp
         import numpy as np
 
         n_rows = len(rows)
         lengths = np.array([len(row) for row in rows], dtype=np.int32)
-        self._ensure_context(model, n_seq=n_rows, n_ctx_seq=int(lengths.max()) + new_tokens)
+        sampled = scores is None and self.params["token_choice"] == "device"
+        self._ensure_context(model, n_seq=n_rows, n_ctx_seq=int(lengths.max()) + new_tokens, sampled=sampled)
         self._clear(model)
         flat = np.concatenate([np.asarray(row, dtype=np.int32) for row in rows])
         positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
@@ -270,14 +330,18 @@ class GGUFMethod(Method):
         one_call = n_rows <= model.batch_capacity
         step_positions = model.positions[:n_rows]
         step_tokens = model.tokens[:n_rows]
+        row_slots = range(n_rows)
 
         llama_cpp.llama_perf_context_reset(model.context)
         if streamer is not None:
             streamer.put(flat)
-        logits = self._decode(model, flat, positions, np.repeat(seqs, lengths), last)
-        chosen[0] = logits.argmax(axis=1)
+        first = self._decode(model, flat, positions, np.repeat(seqs, lengths), last)
+        if sampled:
+            chosen[0] = first
+        else:
+            chosen[0] = first.argmax(axis=1)
         if scores is not None:
-            scores[:, 0] = logits
+            scores[:, 0] = first
         if delay_s:
             time.sleep(delay_s)
         if streamer is not None:
@@ -291,12 +355,12 @@ class GGUFMethod(Method):
             if one_call:
                 step_tokens[:] = chosen[step - 1]
                 step_positions[:] = lengths + (step - 1)
-                logits = self._run(model, n_rows)
+                out = self._run_sampled(model, row_slots) if sampled else self._run(model, n_rows)
             else:
-                logits = self._decode(model, chosen[step - 1], lengths + (step - 1), seqs, np.ones(n_rows, np.int8))
-            chosen[step] = logits.argmax(axis=1)
+                out = self._decode(model, chosen[step - 1], lengths + (step - 1), seqs, np.ones(n_rows, np.int8))
+            chosen[step] = out if sampled else out.argmax(axis=1)
             if scores is not None:
-                scores[:, step] = logits
+                scores[:, step] = out
             if delay_s:
                 time.sleep(delay_s)
             if streamer is not None:
@@ -388,6 +452,7 @@ class GGUFMethod(Method):
             "n_ubatch": llama_cpp.llama_n_ubatch(context),
             "n_threads": llama_cpp.llama_n_threads(context),
             "n_threads_batch": llama_cpp.llama_n_threads_batch(context),
+            "token_choice": self.params["token_choice"],
             "n_seq_max": model.n_seq_max,
             "n_ctx_per_seq": model.n_ctx_seq,
             "llama_cpp_python": version("llama_cpp_python"),
@@ -466,6 +531,15 @@ def _free_context(model: GGUFModel) -> None:
     if model.context is not None:
         llama_cpp.llama_free(model.context)
         model.context = None
+    _free_samplers(model)
+
+
+def _free_samplers(model: GGUFModel) -> None:
+    import llama_cpp
+
+    for chain in model.samplers:
+        llama_cpp.llama_sampler_free(chain)
+    model.samplers = []
 
 
 def _log(message: str) -> None:
