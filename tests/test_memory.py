@@ -18,10 +18,29 @@ def test_an_engine_with_its_own_runtime_never_touches_torch_cuda(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("torch.cuda was called: it would create a CUDA context of its own")
 
-    for name in ("synchronize", "reset_peak_memory_stats", "max_memory_allocated"):
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats", "max_memory_allocated"):
         monkeypatch.setattr(torch.cuda, name, forbidden)
     monkeypatch.setattr(memory, "nvml_reader", lambda: None)  # no GPU here: NVML would be the only reader
     with memory.track_memory("cuda", torch_allocator=False) as out:
         pass
     assert "peak_vram_mib" not in out and "peak_rss_mib" in out
     assert GGUFMethod.TORCH_DEVICE is False
+
+
+def test_the_allocators_cache_is_emptied_before_nvml_starts(monkeypatch):
+    """NVML counts the blocks torch's allocator caches: they are returned before the tracked block, so its
+    NVML peak is its own and not what earlier work in the process left behind."""
+    calls = []
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda name=name: calls.append(name))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**20)
+
+    def reader():
+        calls.append("nvml")
+        return 5 * 2**20
+
+    monkeypatch.setattr(memory, "nvml_reader", lambda: (reader, "process"))
+    with memory.track_memory("cuda") as out:
+        pass
+    assert calls.index("empty_cache") < calls.index("reset_peak_memory_stats") < calls.index("nvml")
+    assert out["peak_vram_mib"].value == 3 and out["peak_nvml_mib"].value == 5 and out["nvml_scope"] == "process"
