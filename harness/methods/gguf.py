@@ -336,10 +336,7 @@ class GGUFMethod(Method):
         if streamer is not None:
             streamer.put(flat)
         first = self._decode(model, flat, positions, np.repeat(seqs, lengths), last)
-        if sampled:
-            chosen[0] = first
-        else:
-            chosen[0] = first.argmax(axis=1)
+        chosen[0] = first if sampled else first.argmax(axis=1)
         if scores is not None:
             scores[:, 0] = first
         if delay_s:
