@@ -26,6 +26,7 @@ import random
 import signal
 import sys
 import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ class _Output:
         atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
     def add(self, result: CellResult) -> None:
+        # when the figures were taken: a baseline imported from this results file later keeps this time
+        result.details.setdefault("measured_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         self.data["results"].append(result.to_dict())
         self.flush()
 

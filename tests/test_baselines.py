@@ -86,6 +86,18 @@ def test_the_file_follows_the_documented_layout(store: BaselineStore) -> None:
     assert recorded_at.utcoffset() == timezone.utc.utcoffset(None)
 
 
+def test_recorded_at_is_when_the_cell_was_measured(store: BaselineStore) -> None:
+    """A results file merged later (quantbench import-results) keeps the time its worker measured the cell;
+    a cell without that stamp gets the merge's time."""
+    measured = make_cell()
+    measured.details["measured_at"] = "2026-11-28T18:48:36+00:00"
+    store.merge(HW, [measured, make_cell("gptq")])
+    document = json.loads(store.path(HW, MODEL).read_text())
+    assert document["cells"][KEY]["recorded_at"] == "2026-11-28T18:48:36+00:00"
+    other = datetime.fromisoformat(document["cells"][make_cell("gptq").id]["recorded_at"])
+    assert abs((datetime.now(timezone.utc) - other).total_seconds()) < 60
+
+
 def test_a_missing_file_loads_as_no_cells(store: BaselineStore) -> None:
     assert store.load(HW, MODEL) == {}
     assert store.get(HW, make_cell()) is None

@@ -264,6 +264,7 @@ def test_end_to_end_through_the_worker(tiny_job, cache):
         cell = outcome.result(batch_size)
         assert cell.error is None and cell.figures["decode_tokens_per_s"].value > 0
         assert cell.details["method"]["n_seq_max"] >= batch_size
+        assert cell.details["measured_at"] >= per_model.details["measured_at"]  # ISO times, stamped in order
     assert Path(per_model.details["method"]["file"]).is_relative_to(cache)
 
 
