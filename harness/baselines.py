@@ -280,9 +280,10 @@ class BaselineStore:
                 )
                 for key, result in cells.items():
                     # a cell's recorded_at is when it was measured, also when its results file is imported
-                    # later (the worker stamps details.measured_at), and the merge's time otherwise
-                    measured_at = _iso_time(result.details.get("measured_at"))
-                    document["cells"][key] = _stored_cell(path, result, measured_at or recorded_at)
+                    # later (the worker stamps details.measured_at; the store's check refuses a bad stamp by
+                    # name), and the merge's time otherwise
+                    document["cells"][key] = _stored_cell(path, result,
+                                                          result.details.get("measured_at") or recorded_at)
                 texts[path] = json.dumps(document, sort_keys=True, indent=2, allow_nan=False) + "\n"
             for path, text in texts.items():
                 atomic_write_text(path, text)
@@ -307,17 +308,6 @@ class BaselineStore:
         except BaselineError as exc:
             raise BaselineError(f"{path}: {exc}; {_REGENERATE}") from None
         return _Reader(path, _REGENERATE).document(data, hardware_key, model)
-
-
-def _iso_time(value: Any) -> str | None:
-    """`value` when it is an ISO 8601 time, else None."""
-    if not isinstance(value, str):
-        return None
-    try:
-        datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return value
 
 
 def _stored_cell(path: Path, result: CellResult, recorded_at: str) -> CellDict:

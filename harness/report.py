@@ -183,9 +183,10 @@ def write_report(store: BaselineStore, keys: list[str], out_dir: Path) -> tuple[
     sections_md = ["# quantbench report", ""]
     sections_html = ["<h1>quantbench report</h1>"]
     for key in keys:
+        measured = read_bandwidth(store.root, key)
         for model in sorted(p.stem for p in (store.root / key).glob("*.json")):
             by_method = _cells_by_method(store.load(key, model))
-            table = _model_markdown(key, model, by_method, read_bandwidth(store.root, key))
+            table = _model_markdown(key, model, by_method, measured)
             sections_md += [table, ""]
             sections_html.append(_markdown_table_html(table, html))
             for title, png in _plots(key, model, by_method):

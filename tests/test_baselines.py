@@ -96,6 +96,11 @@ def test_recorded_at_is_when_the_cell_was_measured(store: BaselineStore) -> None
     assert document["cells"][KEY]["recorded_at"] == "2026-11-28T18:48:36+00:00"
     other = datetime.fromisoformat(document["cells"][make_cell("gptq").id]["recorded_at"])
     assert abs((datetime.now(timezone.utc) - other).total_seconds()) < 60
+    stamped_badly = make_cell("awq")
+    stamped_badly.details["measured_at"] = "yesterday"
+    with pytest.raises(BaselineError, match=r"recorded_at.*expected an ISO 8601 time, got 'yesterday'"):
+        store.merge(HW, [stamped_badly])
+    assert json.loads(store.path(HW, MODEL).read_text()) == document  # nothing written
 
 
 def test_a_missing_file_loads_as_no_cells(store: BaselineStore) -> None:

@@ -63,13 +63,17 @@ class GGUFModel:
     n_seq_ids: Any = None
     outputs: Any = None
     seq_ids: Any = None  # the sequence id last written to each batch slot
-    sampled: bool = False  # the context runs a greedy sampler per sequence (token_choice "device")
-    samplers: list[Any] = field(default_factory=list)  # its sampler chains, kept alive for llama.cpp
+    samplers: list[Any] = field(default_factory=list)  # the context's sampler chains, kept alive for llama.cpp
     last_perf: dict[str, float] | None = None  # llama.cpp's counters and the host's timing of the last generate()
     perf_unverified: list[dict[str, float]] = field(default_factory=list)  # since the last verify()
     perf_differences: list[float] = field(default_factory=list)  # relative differences of every generate()
     tokenizer_parity: dict[str, Any] | None = None
     last_tokens: Any = None  # [rows, new_tokens] ids chosen by the last generate()
+
+    @property
+    def sampled(self) -> bool:
+        """The context runs a greedy sampler per sequence (token_choice "device")."""
+        return bool(self.samplers)
 
     @property
     def device(self) -> str:
@@ -211,7 +215,7 @@ class GGUFMethod(Method):
             _free_samplers(model)
             raise RuntimeError(f"llama.cpp could not create a context of {n_seq} sequences x {n_ctx_seq} "
                                f"tokens{' with a greedy sampler each' if sampled else ''} for {model.path}")
-        model.context, model.n_seq_max, model.n_ctx_seq, model.sampled = context, n_seq, n_ctx_seq, sampled
+        model.context, model.n_seq_max, model.n_ctx_seq = context, n_seq, n_ctx_seq
         capacity = llama_cpp.llama_n_batch(context)
         model.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
         model.batch_capacity = capacity
