@@ -105,6 +105,54 @@ def worker_gpu_env(worker: str | None, gpu_count: int) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": choices[int(match.group(1)) % len(choices)]}
 
 
+CPU_SHARE_VAR = "QUANTBENCH_CPUS"  # the CPUs a cell's worker process (and what it starts) may run on
+
+
+def worker_cpu_share(worker: str | None, worker_count: int, cpus: list[int] | None = None) -> list[int] | None:
+    """The CPUs of pytest-xdist worker `gwN`: slice N of the session's CPUs cut into `worker_count` slices.
+
+    Workers measure their cells at the same time, one GPU each; on a shared CPU set, one cell's torch.compile
+    workers or Python host loop take the cores another cell's timed region runs on. The slices are contiguous,
+    disjoint, cover every CPU and differ in size by one at most. Without xdist, with one worker, or with more
+    workers than CPUs, there is nothing to split (None): the worker keeps every CPU the session has.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
+    match = re.fullmatch(r"gw(\d+)", worker or "")
+    if match is None or worker_count <= 1 or worker_count > len(cpus):
+        return None
+    index = int(match.group(1)) % worker_count
+    size, extra = divmod(len(cpus), worker_count)
+    start = index * size + min(index, extra)
+    return cpus[start:start + size + (index < extra)]
+
+
+def cpu_share_env(cpus: list[int] | None) -> dict[str, str]:
+    """Environment that confines a worker process to `cpus`: the set itself, and thread pools sized to it.
+
+    A pool size the user set (OMP_NUM_THREADS, TORCHINDUCTOR_COMPILE_THREADS) is kept.
+    """
+    if cpus is None:
+        return {}
+    env = {CPU_SHARE_VAR: ",".join(map(str, cpus))}
+    for name in ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
+        if name not in os.environ:
+            env[name] = str(len(cpus))
+    return env
+
+
+def apply_cpu_share() -> list[int] | None:
+    """Pin this process to the CPUs its parent named in QUANTBENCH_CPUS (a worker calls it before any import)."""
+    value = os.environ.get(CPU_SHARE_VAR, "").strip()
+    if not value:
+        return None
+    try:
+        cpus = sorted({int(part) for part in value.split(",")})
+        os.sched_setaffinity(0, cpus)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{CPU_SHARE_VAR}={value!r}: not a list of CPUs this process may use ({exc})") from None
+    return cpus
+
+
 def hardware_key(device: str) -> str:
     """The baseline folder name for `device`: GPU name and memory (`nvidia-h100-80gb-hbm3`), else the CPU.
 
@@ -131,6 +179,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "device": device,
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),  # the CPUs this process may run on (a share under xdist)
         "machine": platform.machine(),
         "system": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),

@@ -18,7 +18,7 @@ import pytest
 from harness import hardware
 from harness.baselines import BaselineError, BaselineStore, Tolerances, compare, provenance_mismatch, regressions
 from harness.config import Cell, Matrix, MatrixError, load_matrix
-from harness.hardware import gpu_info, hardware_key, worker_gpu_env
+from harness.hardware import cpu_share_env, gpu_info, hardware_key, worker_cpu_share, worker_gpu_env
 from harness.isolation import Outcome, run_isolated
 from harness.methods import BACKENDS, Method, method_class
 from harness.metrics import TASK_PREFIX
@@ -51,6 +51,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--tolerance", action="append", default=[], metavar="[METHOD:]METRIC=FRACTION",
                     help="override a tolerance, e.g. decode_tokens_per_s=0.1 or bnb-int8:ppl=0.02")
     group.addoption("--hardware-key", default=None, help="override the detected hardware key")
+    group.addoption("--no-cpu-split", action="store_true",
+                    help="under pytest-xdist, let every worker's cells use all CPUs (default: a slice each)")
     group.addoption("--inject-decode-delay-ms", type=float, default=0.0,
                     help="TESTING THE GATE ONLY: sleep this long per generated token inside the timed region")
 
@@ -115,6 +117,7 @@ class QuantBench:
         self.recheck_enabled = option("--recheck") and not self.update
         self.jobs: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}  # cell -> (measuring job, env)
         self.rechecked: set[str] = set()
+        self.recheck_reasons: dict[str, list[str]] = {}  # cells pooled over a recheck: the regressions that asked
         self.prepared: set[str] = set()  # models whose weights were built (or found) by a prepare worker
         self.references: dict[tuple[str, str], str] = {}  # (suite, model) -> how its reference job ended
         self.records: list[dict[str, Any]] = []
@@ -170,8 +173,13 @@ class QuantBench:
         if cell.suite.device == "cuda" and gpu is None:
             outcome = Outcome("skipped", "no CUDA GPU on this machine (NVML sees none)")
         else:
-            # under pytest-xdist each worker takes its own GPU, so a matrix spreads over a multi-GPU host
-            env = worker_gpu_env(os.environ.get("PYTEST_XDIST_WORKER"), gpu["count"]) if gpu else {}
+            # under pytest-xdist each worker takes its own GPU, so a matrix spreads over a multi-GPU host, and
+            # its own slice of the CPUs, so one cell's compilers and host loop stay off another's timed region
+            worker = os.environ.get("PYTEST_XDIST_WORKER")
+            env = worker_gpu_env(worker, gpu["count"]) if gpu else {}
+            if not self.config.getoption("--no-cpu-split"):
+                count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+                env.update(cpu_share_env(worker_cpu_share(worker, count)))
             job = {
                 "suite": cell.suite.name,
                 "device": cell.suite.device,
@@ -228,15 +236,44 @@ class QuantBench:
         # a failed reference leaves the cells without divergence figures; their details say why
         self.references[key] = f"{outcome.status}: {outcome.reason}" if outcome.status != "ok" else "ok"
 
-    def recheck(self, cell: Cell) -> bool:
-        """Measure a cell once more and pool each repeated figure's samples with the first run's (--recheck).
+    def repeated_regressions(self, cell: Cell) -> list[str]:
+        """The regressions of figures with repeats (speeds) in any batch size of a cell, against its baselines.
 
-        Once per cell, for the cell's first regression of a figure with repeats; the other tests of the cell
-        then see the pooled figures too. False when rechecking is off, done, or the second run failed.
+        Looked at once, before the cell's first test is gated, so that a recheck pools every batch size and
+        every test of the cell gates the same figures whatever order they run in, as `quantbench gate` does
+        offline. A baseline that cannot be read or was measured differently is left to the tests to report.
+        """
+        outcome = self.outcomes.get(cell.key)
+        if outcome is None or outcome.status != "ok":
+            return []
+        key = self.hardware_key(cell.suite.device)
+        found: list[str] = []
+        for result in outcome.results:
+            if result.error:
+                continue
+            try:
+                baseline = self.store.get(key, result)
+            except BaselineError:
+                continue
+            if baseline is None or provenance_mismatch(result, baseline):
+                continue
+            found += [v.message for v in regressions(compare(result, baseline, self.tolerances(cell)))
+                      if len(result.figures[v.metric].samples) > 1]
+        return found
+
+    def recheck(self, cell: Cell) -> bool:
+        """Measure a cell once more when a figure with repeats regressed, and pool each repeated figure's
+        samples with the first run's (--recheck).
+
+        Once per cell, before its first test is gated: then all its tests see the pooled figures. False when
+        rechecking is off or done, nothing regressed, or the second run failed.
         """
         if not self.recheck_enabled or cell.key in self.rechecked or cell.key not in self.jobs:
             return False
         self.rechecked.add(cell.key)
+        reasons = self.repeated_regressions(cell)
+        if not reasons:
+            return False
         job, env = self.jobs[cell.key]
         again = run_isolated(job, cell.suite.run.cell_timeout_s, env)
         self._write_results(cell, again)
@@ -248,6 +285,7 @@ class QuantBench:
             other = again.result(result.batch_size)
             pooled.append(pool(result, other) if other is not None and not (result.error or other.error) else result)
         first.results = pooled
+        self.recheck_reasons[cell.key] = reasons
         return True
 
     def _write_results(self, cell: Cell, outcome: Outcome) -> None:
@@ -266,6 +304,7 @@ class QuantBench:
         outcome = self.outcome(ref.cell)
         if outcome.status == "skipped":
             pytest.skip(f"{ref.id}: {outcome.reason}")
+        self.recheck(ref.cell)
         result = outcome.result(ref.batch_size)
         if result is None:
             pytest.fail(f"{ref.id}: no result: worker {outcome.status}: {outcome.reason}\n"
@@ -310,13 +349,8 @@ class QuantBench:
                 failures.append(message)
         else:
             verdicts = compare(measured, baseline, self.tolerances(ref.cell))
-            repeated = [v for v in regressions(verdicts) if len(measured.figures[v.metric].samples) > 1]
-            if repeated and self.recheck(ref.cell):
-                # gate the pooled samples of both runs; the message says so
-                result = self.outcome(ref.cell).result(ref.batch_size) or result
-                measured = replace(result, figures={m: result.figures[m] for m in wanted})
-                verdicts = compare(measured, baseline, self.tolerances(ref.cell))
-                record["rechecked"] = [v.message for v in repeated]
+            if ref.cell.key in self.recheck_reasons:  # the pooled samples of both runs; the message says so
+                record["rechecked"] = self.recheck_reasons[ref.cell.key]
             missing = [m for m in wanted if m not in baseline.figures]
             pooled = " (pooled over a recheck)" if "rechecked" in record else ""
             failures.extend(v.message + pooled for v in regressions(verdicts))

@@ -32,7 +32,7 @@ from typing import Any
 
 from harness.cache import atomic_write_text, cache_root
 from harness.config import AccuracyConfig, ModelSpec, RunConfig
-from harness.hardware import environment, machine_info
+from harness.hardware import apply_cpu_share, environment, machine_info
 from harness.measure import consistency
 from harness.measure.accuracy import perplexity
 from harness.measure.divergence import Collector, Comparer, Reference, reference_dir, reference_key
@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     job = json.loads(Path(argv[0]).read_text())
     out = _Output(Path(argv[1]))
     try:
+        apply_cpu_share()  # before torch or an engine starts its thread pools
         run_job(job, out)
     except Exception as exc:
         out.finish("error", f"{type(exc).__name__}: {exc}")

@@ -1,6 +1,12 @@
 """Hardware keys: GPU name and memory, else the CPU; provenance carries library versions."""
 
+import os
+import subprocess
+import sys
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from harness import hardware
 
@@ -56,3 +62,42 @@ def test_xdist_workers_are_pinned_to_one_gpu_each(monkeypatch, worker, visible, 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     env = hardware.worker_gpu_env(worker, count)
     assert env == ({"CUDA_VISIBLE_DEVICES": pinned} if pinned else {})
+
+
+@given(cpus=st.sets(st.integers(0, 255), min_size=1, max_size=96), workers=st.integers(2, 16))
+def test_xdist_workers_share_the_cpus_in_disjoint_slices_that_cover_them(cpus, workers):
+    shares = [hardware.worker_cpu_share(f"gw{i}", workers, list(cpus)) for i in range(workers)]
+    if workers > len(cpus):
+        assert shares == [None] * workers  # too few CPUs to split: every worker keeps them all
+        return
+    assert sorted(c for share in shares for c in share) == sorted(cpus)
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert all(share == sorted(share) for share in shares)
+
+
+@pytest.mark.parametrize(("worker", "count"), [(None, 4), ("main", 4), ("gw0", 1)])
+def test_without_several_xdist_workers_the_cpus_are_not_split(worker, count):
+    assert hardware.worker_cpu_share(worker, count, [0, 1, 2, 3]) is None
+    assert hardware.cpu_share_env(None) == {}
+
+
+def test_a_share_sizes_the_thread_pools_unless_the_user_did(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+    assert hardware.cpu_share_env([4, 5, 6, 7]) == {"QUANTBENCH_CPUS": "4,5,6,7", "OMP_NUM_THREADS": "4"}
+
+
+def _child_affinity(value):
+    code = ("import os\nfrom harness.hardware import apply_cpu_share\n"
+            "apply_cpu_share()\nprint(len(os.sched_getaffinity(0)))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "QUANTBENCH_CPUS": value})
+
+
+def test_a_worker_pins_itself_to_its_share_and_names_a_bad_one():
+    mine = sorted(os.sched_getaffinity(0))
+    pinned = _child_affinity(str(mine[0]))
+    assert pinned.returncode == 0 and pinned.stdout.strip() == "1", pinned.stderr
+    bad = _child_affinity("0,x")
+    assert bad.returncode != 0 and "QUANTBENCH_CPUS='0,x'" in bad.stderr
+    assert "QUANTBENCH_CPUS='100000'" in _child_affinity("100000").stderr

@@ -1,6 +1,7 @@
 """The pytest plugin end to end: parametrized ids, baselines written, the gate passing and failing."""
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -106,6 +107,24 @@ def test_recheck_measures_a_regressed_cell_again_and_a_real_slowdown_still_fails
     assert decode["figures"]["decode_tokens_per_s"]["n"] == 6 and decode["rechecked"]
 
 
+def test_a_recheck_pools_every_batch_size_of_the_cell_whichever_test_runs_first(suite, pytester):
+    (pytester.path / "matrix.toml").write_text(MATRIX.replace("batch_sizes = [1]", "batch_sizes = [1, 2]"))
+    suite("--update-baselines", "-k", "test_decode").assert_outcomes(passed=2)
+    [path] = baseline_files(pytester.path)
+    stored = json.loads(path.read_text())
+    stored["cells"]["fp32|tiny|b2"]["figures"]["decode_tokens_per_s"]["value"] *= 20  # b2 "regresses"
+    path.write_text(json.dumps(stored))
+    gated = suite("-k", "test_decode", "--recheck")
+    gated.stdout.re_match_lines([r".*decode_tokens_per_s of fp32\|tiny\|b2 regressed .* \(pooled over a recheck\)"])
+    summary = json.loads(sorted((pytester.path / "results").glob("*-summary.json"))[-1].read_text())
+    records = {r["cell"]: r for r in summary["records"]}
+    # b1 is gated first, yet it gates the pooled figures too: one recheck for the whole cell
+    assert [records[f"fp32|tiny|b{b}"]["figures"]["decode_tokens_per_s"]["n"] for b in (1, 2)] == [6, 6]
+    assert records["fp32|tiny|b1"]["rechecked"] == records["fp32|tiny|b2"]["rechecked"]
+    last = sorted((pytester.path / "results").glob("*.jsonl"))[-1]  # the gating run's: measured, then rechecked
+    assert [json.loads(line)["cell"] for line in last.read_text().splitlines()] == ["cpu:fp32|tiny"] * 2
+
+
 def test_a_slowed_run_can_never_become_a_baseline(suite):
     result = suite("--update-baselines", "--inject-decode-delay-ms", "5")
     assert "cannot be combined with --update-baselines" in result.stderr.str()
@@ -157,6 +176,10 @@ def test_the_matrix_spreads_over_xdist_workers_and_merges_one_store(suite, pytes
         "bf16|tiny", "bf16|tiny|b1", "fp32|tiny", "fp32|tiny|b1"]
     # the controller's summary sees the figures of both workers
     assert "bf16|tiny|b1" in result.stdout.str() and "fp32|tiny|b1" in result.stdout.str()
+    # each worker's cells ran on its own half of the CPUs, and their figures say so
+    cpus = len(os.sched_getaffinity(0))
+    shares = {cell["hardware"]["cpu_affinity"] for cell in json.loads(path.read_text())["cells"].values()}
+    assert shares <= {cpus // 2, (cpus + 1) // 2}, shares
 
 
 def test_a_baseline_measured_differently_is_refused_not_compared(suite, pytester):
