@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypedDict
 
 from harness.cache import atomic_write_text, file_lock
+from harness.measure.memory import MEMORY_PROTOCOL_DEFAULT, PROTOCOL_METRICS
 from harness.metrics import METRICS
 from harness.metrics import metric as metric_spec
 from harness.results import CellResult, Figure, cell_id
@@ -532,6 +533,20 @@ def regressions(verdicts: Iterable[Verdict]) -> list[Verdict]:
 _COMPARABLE_CONFIG = ("method", "model", "run", "accuracy")
 # These decide a limit or a pass/fail check, not how any stored figure is measured.
 _IGNORED_RUN_FIELDS = ("cell_timeout_s", "consistency_tokens")
+
+
+def stale_figures(measured: CellResult, baseline: CellResult) -> dict[str, str]:
+    """The figures of `baseline` that were read another way than `measured`'s, each with why.
+
+    A change of the memory tracker (`details.memory_protocol`, none recorded: 1) makes the figures it reads
+    incomparable, and only those: the cell's speeds and accuracy still gate.
+    """
+    old, new = (cell.details.get("memory_protocol", MEMORY_PROTOCOL_DEFAULT) for cell in (baseline, measured))
+    if old == new:
+        return {}
+    why = (f"details.memory_protocol: baseline {old}, now {new}; harness/measure/memory.py says how each "
+           "protocol reads memory")
+    return {m: why for m in PROTOCOL_METRICS if m in measured.figures and m in baseline.figures}
 
 
 def provenance_mismatch(measured: CellResult, baseline: CellResult) -> list[str]:

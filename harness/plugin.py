@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 
 from harness import hardware
-from harness.baselines import BaselineError, BaselineStore, Tolerances, compare, provenance_mismatch, regressions
+from harness.baselines import (
+    BaselineError,
+    BaselineStore,
+    Tolerances,
+    compare,
+    provenance_mismatch,
+    regressions,
+    stale_figures,
+)
 from harness.config import Cell, Matrix, MatrixError, load_matrix
 from harness.hardware import cpu_share_env, gpu_info, hardware_key, worker_cpu_share, worker_gpu_env
 from harness.isolation import Outcome, run_isolated
@@ -348,13 +356,18 @@ class QuantBench:
             if self.strict:
                 failures.append(message)
         else:
-            verdicts = compare(measured, baseline, self.tolerances(ref.cell))
+            stale = stale_figures(measured, baseline)
+            gated = replace(measured, figures={m: f for m, f in measured.figures.items() if m not in stale})
+            verdicts = compare(gated, baseline, self.tolerances(ref.cell))
             if ref.cell.key in self.recheck_reasons:  # the pooled samples of both runs; the message says so
                 record["rechecked"] = self.recheck_reasons[ref.cell.key]
             missing = [m for m in wanted if m not in baseline.figures]
             pooled = " (pooled over a recheck)" if "rechecked" in record else ""
             failures.extend(v.message + pooled for v in regressions(verdicts))
-            record["status"] = "regressed" if failures else "ok"
+            record["status"] = "regressed" if failures else "incomparable" if stale else "ok"
+            failures.extend(f"{ref.id}: {name} of the baseline in {self.store.path(key, ref.cell.model.name)} "
+                            f"was read another way ({why}); re-record it with --update-baselines"
+                            for name, why in stale.items())
             if missing:
                 record["missing_metrics"] = missing
                 if self.strict:

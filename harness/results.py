@@ -158,7 +158,7 @@ def gate_results(store: BaselineStore, paths: list[Path], matrix: Any) -> tuple[
     the number of failures: regressions, errors of the run, batch-consistency failures and baselines
     measured differently.
     """
-    from harness.baselines import Tolerances, compare, provenance_mismatch
+    from harness.baselines import Tolerances, compare, provenance_mismatch, stale_figures
 
     lines: list[str] = []
     failures = 0
@@ -195,7 +195,12 @@ def gate_results(store: BaselineStore, paths: list[Path], matrix: Any) -> tuple[
                 failures += 1
                 lines.append(f"FAIL {result.id}: the baseline was measured differently ({'; '.join(mismatch)})")
                 continue
-            for verdict in compare(result, baseline, tolerances[suite]):
+            stale = stale_figures(result, baseline)
+            for name, why in stale.items():
+                failures += 1
+                lines.append(f"FAIL {name} of {result.id}: the baseline was read another way ({why})")
+            gated = replace(result, figures={m: f for m, f in result.figures.items() if m not in stale})
+            for verdict in compare(gated, baseline, tolerances[suite]):
                 failures += verdict.regressed
                 lines.append(f"{'FAIL' if verdict.regressed else 'ok  '} {verdict.message}")
     return lines, failures

@@ -364,6 +364,7 @@ def _throughput(method: Any, model: Any, cell: CellResult, rows: list[list[int]]
     cell.figures.update(timing.figures())
     cell.figures.update({k: v for k, v in memory.items() if isinstance(v, Figure)})
     cell.details["nvml_scope"] = memory.get("nvml_scope")
+    cell.details["memory_protocol"] = memory["protocol"]
     cell.details["method"] = method.describe(model)
     decode = cell.figures["decode_tokens_per_s"]
     log(f"b{len(rows)}: decode {decode.value:.1f} tok/s (+-{100 * decode.relative_spread:.1f}%), "

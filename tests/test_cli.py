@@ -129,6 +129,23 @@ def test_gate_holds_a_results_file_against_the_baselines_offline(tmp_path, capsy
     assert expected in capsys.readouterr().out
 
 
+def test_gate_fails_a_figure_read_by_another_memory_protocol_and_still_gates_the_rest(tmp_path, capsys):
+    old = gated_cell(100.0)
+    old.figures["peak_nvml_mib"] = Figure(12856.0)
+    BaselineStore(tmp_path / "bl").merge("gpu-a", [old])
+    new = gated_cell(40.0)
+    new.figures["peak_nvml_mib"] = Figure(14102.0)
+    new.details["memory_protocol"] = 2
+    results = tmp_path / "run.jsonl"
+    write_results(results, [new])
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL peak_nvml_mib of fp16|m|b1: the baseline was read another way (details.memory_protocol: " \
+           "baseline 1, now 2" in out
+    assert "FAIL decode_tokens_per_s of fp16|m|b1 regressed 60.0%" in out
+    assert "2 failure(s) in" in out and "peak_nvml_mib of fp16|m|b1 regressed" not in out
+
+
 def test_gate_reports_a_cell_without_baseline_and_an_unknown_suite(tmp_path, capsys):
     results = tmp_path / "run.jsonl"
     write_results(results, [gated_cell(100.0, key="gpu-new")])

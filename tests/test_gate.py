@@ -288,3 +288,20 @@ def test_provenance_mismatch_names_changed_settings_and_inputs() -> None:
         "config.run.new_tokens: baseline 64, now 32",
         "details.prompt_ids_digest: baseline aaa, now bbb (different token ids)",
     ]
+
+
+
+def test_only_the_figures_a_changed_memory_protocol_reads_are_stale() -> None:
+    """A baseline from before the tracker emptied torch's cache (no protocol recorded: 1) has a stale NVML
+    figure for a torch cell on a GPU (2); its other figures, and cells whose memory was read as before,
+    stay comparable."""
+    from harness.baselines import stale_figures
+
+    def made(**details: int) -> CellResult:
+        figures = {"peak_nvml_mib": Figure(100.0), "peak_vram_mib": Figure(90.0), "decode_tokens_per_s": Figure(9.0)}
+        return CellResult(method="m", model="x", batch_size=1, figures=figures, details=details)
+
+    stale = stale_figures(made(memory_protocol=2), made())
+    assert list(stale) == ["peak_nvml_mib"] and "details.memory_protocol: baseline 1, now 2" in stale["peak_nvml_mib"]
+    assert stale_figures(made(memory_protocol=1), made()) == {}
+    assert stale_figures(made(memory_protocol=2), made(memory_protocol=2)) == {}

@@ -13,6 +13,7 @@ def test_a_healthy_cell_returns_per_model_and_per_batch_results(tiny_job, worker
         assert figures["decode_tokens_per_s"].n == 2
         assert figures["peak_rss_mib"].value > 0
         assert 0 < figures["peak_anon_rss_mib"].value < figures["peak_rss_mib"].value
+        assert outcome.result(batch_size).details["memory_protocol"] == 1  # how the memory was read
 
 
 def test_a_crashing_cell_fails_with_the_signal(tiny_job, worker_env):

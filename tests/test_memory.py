@@ -12,6 +12,7 @@ def test_host_peaks_are_recorded_on_the_cpu():
         block[::4096] = b"x" * len(block[::4096])
     assert out["peak_rss_mib"].value > 64
     assert "peak_vram_mib" not in out
+    assert out["protocol"] == memory.MEMORY_PROTOCOL_DEFAULT  # the host's reading never changed
 
 
 def test_an_engine_with_its_own_runtime_never_touches_torch_cuda(monkeypatch):
@@ -25,6 +26,7 @@ def test_an_engine_with_its_own_runtime_never_touches_torch_cuda(monkeypatch):
         pass
     assert "peak_vram_mib" not in out and "peak_rss_mib" in out
     assert GGUFMethod.TORCH_DEVICE is False
+    assert out["protocol"] == memory.MEMORY_PROTOCOL_DEFAULT  # no torch cache to empty: read as before
 
 
 def test_the_allocators_cache_is_emptied_before_nvml_starts(monkeypatch):
@@ -44,3 +46,4 @@ def test_the_allocators_cache_is_emptied_before_nvml_starts(monkeypatch):
         pass
     assert calls.index("empty_cache") < calls.index("reset_peak_memory_stats") < calls.index("nvml")
     assert out["peak_vram_mib"].value == 3 and out["peak_nvml_mib"].value == 5 and out["nvml_scope"] == "process"
+    assert out["protocol"] == memory.MEMORY_PROTOCOL_TORCH == 2

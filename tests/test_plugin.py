@@ -125,6 +125,25 @@ def test_a_recheck_pools_every_batch_size_of_the_cell_whichever_test_runs_first(
     assert [json.loads(line)["cell"] for line in last.read_text().splitlines()] == ["cpu:fp32|tiny"] * 2
 
 
+def test_a_memory_figure_read_another_way_fails_while_the_cells_speeds_still_gate(suite, pytester):
+    suite("--update-baselines", "-k", "test_memory or test_decode").assert_outcomes(passed=2)
+    [path] = baseline_files(pytester.path)
+    stored = json.loads(path.read_text())
+    stored["cells"]["fp32|tiny|b1"]["details"]["memory_protocol"] = 0  # recorded by an older tracker
+    path.write_text(json.dumps(stored))
+    # on the CPU no figure depends on the protocol; let peak RSS stand in for the GPU's NVML figure
+    (pytester.path / "conftest.py").write_text(
+        "import harness.baselines\nharness.baselines.PROTOCOL_METRICS = ('peak_rss_mib',)\n")
+    gated = suite("-k", "test_memory or test_decode")
+    gated.assert_outcomes(passed=1, failed=1)
+    gated.stdout.re_match_lines([r".*fp32\|tiny\|b1: peak_rss_mib of the baseline in .*tiny\.json was read another "
+                                 r"way \(details\.memory_protocol: baseline 0, now 1; .*\); re-record it"])
+    summary = json.loads(sorted((pytester.path / "results").glob("*-summary.json"))[-1].read_text())
+    statuses = sorted(r["status"] for r in summary["records"] if r["cell"] == "fp32|tiny|b1")
+    assert statuses == ["incomparable", "ok"]  # memory (stale), decode (gated as usual)
+    assert json.loads(path.read_text()) == stored  # nothing written
+
+
 def test_a_slowed_run_can_never_become_a_baseline(suite):
     result = suite("--update-baselines", "--inject-decode-delay-ms", "5")
     assert "cannot be combined with --update-baselines" in result.stderr.str()

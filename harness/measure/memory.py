@@ -13,6 +13,14 @@ from harness.results import Figure
 SAMPLE_INTERVAL_S = 0.005
 MIB = 2**20
 
+# How a block's device memory is read, recorded with each figure (`details.memory_protocol`) and compared by
+# the gate, so a figure is never held against one read another way. 1: the tracker as first built (and every
+# block whose memory is not torch's: the CPU, llama.cpp). 2: torch's allocator cache is emptied before the
+# block, so NVML's peak is the block's own (below).
+MEMORY_PROTOCOL_TORCH = 2
+MEMORY_PROTOCOL_DEFAULT = 1
+PROTOCOL_METRICS = ("peak_nvml_mib",)  # the figures a change of protocol reads differently
+
 
 class _Sampler(threading.Thread):
     """Polls a reading in the background and keeps its maximum."""
@@ -92,12 +100,12 @@ def track_memory(device: str, torch_allocator: bool = True) -> Iterator[dict[str
     `torch_allocator` False: the block's device memory is not torch's (llama.cpp), so torch is left alone
     (asking it would create a CUDA context of its own, which NVML would then count) and NVML alone reports.
     """
-    out: dict[str, Any] = {}
+    use_torch = device == "cuda" and torch_allocator
+    out: dict[str, Any] = {"protocol": MEMORY_PROTOCOL_TORCH if use_torch else MEMORY_PROTOCOL_DEFAULT}
     samplers = {"peak_rss_mib": _Sampler(_rss_reader())}
     anon = _anon_rss_reader()
     if anon is not None:
         samplers["peak_anon_rss_mib"] = _Sampler(anon)
-    use_torch = device == "cuda" and torch_allocator
     if use_torch:
         import torch
 
