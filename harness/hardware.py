@@ -141,7 +141,7 @@ def cpu_share_env(cpus: list[int] | None) -> dict[str, str]:
 
 
 def apply_cpu_share() -> list[int] | None:
-    """Pin this process to the CPUs its parent named in QUANTBENCH_CPUS (a worker calls it before any import)."""
+    """Pin this process to the CPUs its parent named in QUANTBENCH_CPUS (a worker, before torch or an engine loads)."""
     value = os.environ.get(CPU_SHARE_VAR, "").strip()
     if not value:
         return None
