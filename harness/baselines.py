@@ -506,10 +506,10 @@ def compare(
     tolerances: Tolerances,
     rule: RegressionRule | None = None,
 ) -> list[Verdict]:
-    """Verdicts for the figures `measured` and `baseline` both have, sorted by metric.
+    """Verdicts for the figures `measured` and `baseline` both have, read the same way, sorted by metric.
 
-    Figures only one side has are left to the caller to report. Without a `rule`, a
-    RelativeNoiseAwareRule with the tolerances' `noise_sigmas` decides.
+    Figures only one side has, and figures read another way (`stale_figures`), are left to the caller to
+    report. Without a `rule`, a RelativeNoiseAwareRule with the tolerances' `noise_sigmas` decides.
     """
     if baseline is None:
         return []
@@ -520,7 +520,7 @@ def compare(
     return [
         rule.check(measured.id, name, baseline.figures[name], measured.figures[name],
                    tolerances.for_cell(measured.method, name))
-        for name in sorted(measured.figures.keys() & baseline.figures.keys())
+        for name in sorted(measured.figures.keys() & baseline.figures.keys() - stale_figures(measured, baseline).keys())
     ]
 
 

@@ -140,17 +140,15 @@ def cpu_share_env(cpus: list[int] | None) -> dict[str, str]:
     return env
 
 
-def apply_cpu_share() -> list[int] | None:
+def apply_cpu_share() -> None:
     """Pin this process to the CPUs its parent named in QUANTBENCH_CPUS (a worker, before torch or an engine loads)."""
     value = os.environ.get(CPU_SHARE_VAR, "").strip()
     if not value:
-        return None
+        return
     try:
-        cpus = sorted({int(part) for part in value.split(",")})
-        os.sched_setaffinity(0, cpus)
+        os.sched_setaffinity(0, {int(part) for part in value.split(",")})
     except (ValueError, OSError) as exc:
         raise ValueError(f"{CPU_SHARE_VAR}={value!r}: not a list of CPUs this process may use ({exc})") from None
-    return cpus
 
 
 def hardware_key(device: str) -> str:
