@@ -424,6 +424,8 @@ class Verdict:
 
     `change` is relative to the baseline and signed so that positive is worse whatever the metric's
     direction. `noise` is the relative change that the spreads of baseline and run can explain.
+    `resolved` is False when those spreads alone exceed the tolerance: then a regression larger than the
+    tolerance but within the noise passes, and the check caught only what the noise could not hide.
     """
 
     cell_id: str
@@ -434,6 +436,7 @@ class Verdict:
     tolerance: float
     noise: float
     regressed: bool
+    resolved: bool = True
 
     @property
     def message(self) -> str:
@@ -474,7 +477,8 @@ class RelativeNoiseAwareRule:
 
     The noise is the standard deviation of the difference of two independent figures,
     sqrt(spread_baseline^2 + spread_measured^2), times `noise_sigmas`, and never less than the metric's
-    absolute floor (the resolution of a single measurement, such as a load time).
+    absolute floor (the resolution of a single measurement, such as a load time). A check is unresolved
+    when the spread part alone is wider than the tolerance (the floor is the metric's declared resolution).
     """
 
     noise_sigmas: float = 2.0
@@ -486,7 +490,8 @@ class RelativeNoiseAwareRule:
         difference = measured.value - baseline.value
         spec = metric_spec(metric)
         # a metric's floor is the smallest change its measurement resolves: below it, a change is noise
-        noise = max(self.noise_sigmas * math.hypot(baseline.spread, measured.spread), spec.floor)
+        spread_noise = self.noise_sigmas * math.hypot(baseline.spread, measured.spread)
+        noise = max(spread_noise, spec.floor)
         worse_by = -difference if spec.higher_is_better else difference
         scale = abs(baseline.value)
         if scale:
@@ -496,8 +501,9 @@ class RelativeNoiseAwareRule:
             change = math.copysign(math.inf, worse_by) if worse_by else 0.0
             relative_noise = math.inf if noise else 0.0
         regressed = change > tolerance and abs(worse_by) > noise
+        resolved = spread_noise <= tolerance * scale
         return Verdict(cell_id, metric, baseline.value, measured.value, change, tolerance, relative_noise,
-                       regressed)
+                       regressed, resolved)
 
 
 def compare(
@@ -527,6 +533,30 @@ def compare(
 def regressions(verdicts: Iterable[Verdict]) -> list[Verdict]:
     """The verdicts that regressed."""
     return [verdict for verdict in verdicts if verdict.regressed]
+
+
+def unresolved(verdicts: Iterable[Verdict]) -> list[Verdict]:
+    """The verdicts that passed only because the spreads were wider than the tolerance."""
+    return [verdict for verdict in verdicts if not verdict.regressed and not verdict.resolved]
+
+
+def unresolved_message(verdict: Verdict) -> str:
+    """Why an unresolved check fails under --fail-unresolved."""
+    return (f"{verdict.metric} of {verdict.cell_id} cannot be gated at {verdict.tolerance:.1%}: the spreads of "
+            f"baseline and run let a regression of up to {verdict.noise:.1%} pass (this run: {verdict.change:+.1%}, "
+            "+ is worse); measure on a quieter host (fewer xdist workers, nothing else running)")
+
+
+def resolution_summary(counts: dict[str, tuple[int, int]]) -> str | None:
+    """One line on the checks whose noise hid their tolerance: `counts` maps metric -> (unresolved, checked)."""
+    hidden = {metric: pair for metric, pair in sorted(counts.items()) if pair[0]}
+    if not hidden:
+        return None
+    total = sum(pair[0] for pair in hidden.values())
+    checked = sum(pair[1] for pair in counts.values())
+    parts = ", ".join(f"{metric} {low}/{of}" for metric, (low, of) in hidden.items())
+    return (f"{total} of {checked} check(s) passed with spreads wider than their tolerance ({parts}): there a "
+            "regression within the noise passes; --fail-unresolved fails them")
 
 
 # Settings that change what a figure means; a baseline made under others is not comparable.

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     gate.add_argument("--matrix", type=Path, default=Path("benchmarks/matrix.toml"),
                       help="the matrix whose suites' tolerances apply (default: benchmarks/matrix.toml)")
     gate.add_argument("--failures-only", action="store_true", help="print only what failed")
+    gate.add_argument("--fail-unresolved", action="store_true",
+                      help="fail a figure whose spreads are wider than its tolerance (as the pytest option)")
     bw = sub.add_parser("bandwidth", help="measure the GPU's memory bandwidth (device-to-device copy), the "
                         "ceiling of the report's roofline figures")
     bw.add_argument("--device", default=None, help="cuda or cpu (default: cuda when a GPU is visible)")
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         from harness.results import gate_results
 
         try:
-            lines, failures = gate_results(store, args.results, load_matrix(args.matrix))
+            lines, failures, noisy = gate_results(store, args.results, load_matrix(args.matrix),
+                                                  fail_unresolved=args.fail_unresolved)
         except (BaselineError, MatrixError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.failures_only or line.startswith("FAIL"):
                 print(line)
         print(f"{failures} failure(s) in {len(lines)} check(s)")
+        if noisy:
+            print(noisy)
         return 1 if failures else 0
     elif args.command == "bandwidth":
         import json

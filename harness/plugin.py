@@ -23,7 +23,10 @@ from harness.baselines import (
     compare,
     provenance_mismatch,
     regressions,
+    resolution_summary,
     stale_figures,
+    unresolved,
+    unresolved_message,
 )
 from harness.config import Cell, Matrix, MatrixError, load_matrix
 from harness.hardware import cpu_share_env, gpu_info, hardware_key, worker_cpu_share, worker_gpu_env
@@ -56,6 +59,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--recheck", action="store_true",
                     help="measure a cell again when a figure with repeats regresses, and gate the pooled "
                          "samples of both runs (noisy shared runners)")
+    group.addoption("--fail-unresolved", action="store_true",
+                    help="fail a figure whose spreads (baseline and run) are wider than its tolerance, since "
+                         "a regression within that noise would pass (release gates on dedicated runners)")
     group.addoption("--tolerance", action="append", default=[], metavar="[METHOD:]METRIC=FRACTION",
                     help="override a tolerance, e.g. decode_tokens_per_s=0.1 or bnb-int8:ppl=0.02")
     group.addoption("--hardware-key", default=None, help="override the detected hardware key")
@@ -116,6 +122,7 @@ class QuantBench:
         self.results_dir = Path(option("--results-dir") or root / "results")
         self.update = option("--update-baselines")
         self.strict = option("--strict-baselines")
+        self.fail_unresolved = option("--fail-unresolved")
         self.delay_ms = option("--inject-decode-delay-ms")
         if self.update and self.delay_ms:
             raise pytest.UsageError("--inject-decode-delay-ms makes cells slower on purpose; "
@@ -363,7 +370,13 @@ class QuantBench:
             missing = [m for m in wanted if m not in baseline.figures]
             pooled = " (pooled over a recheck)" if "rechecked" in record else ""
             failures.extend(v.message + pooled for v in regressions(verdicts))
-            record["status"] = "regressed" if failures else "incomparable" if stale else "ok"
+            noisy = unresolved(verdicts)
+            if noisy:
+                record["unresolved"] = [v.metric for v in noisy]
+            record["status"] = ("regressed" if failures else "incomparable" if stale
+                                else "unresolved" if noisy and self.fail_unresolved else "ok")
+            if self.fail_unresolved:
+                failures.extend(unresolved_message(v) + pooled for v in noisy)
             failures.extend(f"{ref.id}: {name} of the baseline in {self.store.path(key, ref.cell.model.name)} "
                             f"was read another way ({why}); re-record it with --update-baselines"
                             for name, why in stale.items())
@@ -377,7 +390,8 @@ class QuantBench:
             record["figures"][name] = {"value": fig.value, "spread": fig.spread, "n": fig.n}
             request.node.user_properties.append((name, fig.value))
         for v in verdicts:
-            record["figures"][v.metric].update(baseline=v.baseline, change=v.change, tolerance=v.tolerance)
+            record["figures"][v.metric].update(baseline=v.baseline, change=v.change, tolerance=v.tolerance,
+                                               noise=v.noise)
         request.node.user_properties.append(("quantbench", record))
         if failures:
             pytest.fail("\n".join(failures), pytrace=False)
@@ -460,6 +474,15 @@ class QuantBench:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             terminalreporter.write_line(f"{len(missing)} cell(s) have no baseline for this hardware "
                                         f"(record with --update-baselines): {shown}")
+        counts: dict[str, tuple[int, int]] = {}
+        for record in self.records:
+            for name, fig in record["figures"].items():
+                if "change" in fig:
+                    low, of = counts.get(name, (0, 0))
+                    counts[name] = (low + (name in record.get("unresolved", ())), of + 1)
+        line = resolution_summary(counts)
+        if line:
+            terminalreporter.write_line(line)
         path = self.results_dir / f"{self.run_id}-summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.run_id,

@@ -23,6 +23,12 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def figure_status(record: dict[str, Any], name: str) -> str:
+    """A gated figure's status: its cell's, and whether a recheck was pooled or the noise hid the tolerance."""
+    return (record["status"] + (" (rechecked)" if "rechecked" in record else "")
+            + (" (noise > tolerance)" if name in record.get("unresolved", ()) else ""))
+
+
 def summary_table(records: list[dict[str, Any]]) -> str:
     """One row per gated figure: value with spread, baseline, change (positive = worse) and status."""
     rows = []
@@ -32,7 +38,7 @@ def summary_table(records: list[dict[str, Any]]) -> str:
             change = fig.get("change")
             rows.append([record["cell"], name, _num(fig["value"]) + spread, METRICS[name].unit,
                          _num(fig.get("baseline")), "-" if change is None else f"{100 * change:+.1f}%",
-                         record["status"] + (" (rechecked)" if "rechecked" in record else "")])
+                         figure_status(record, name)])
     return _table(["cell", "metric", "value", "unit", "baseline", "worse by", "status"], rows)
 
 
@@ -226,6 +232,6 @@ def step_summary(records: list[dict[str, Any]]) -> str:
         for name, fig in sorted(record["figures"].items()):
             change = fig.get("change")
             rows.append(f"| `{record['cell']}` | {name} | {_num(fig['value'])} | {_num(fig.get('baseline'))} | "
-                        f"{'-' if change is None else f'{100 * change:+.1f}%'} | {record['status']} |")
+                        f"{'-' if change is None else f'{100 * change:+.1f}%'} | {figure_status(record, name)} |")
     regressed = sum(r["status"] == "regressed" for r in records)
     return f"## quantbench\n\n{len(records)} gated results, {regressed} regressed.\n\n" + "\n".join(rows) + "\n"

@@ -150,18 +150,30 @@ def import_results(store: BaselineStore, paths: list[Path]) -> dict[Path, list[P
     return written
 
 
-def gate_results(store: BaselineStore, paths: list[Path], matrix: Any) -> tuple[list[str], int]:
+def gate_results(
+    store: BaselineStore, paths: list[Path], matrix: Any, fail_unresolved: bool = False
+) -> tuple[list[str], int, str | None]:
     """Hold the figures of results files against the stored baselines of the hardware that measured them.
 
     The gate of a run, again, offline (a GPU runner's artifact checked on any machine): each result is held
     to the tolerances of the matrix suite it was measured in. Returns one line per figure or problem, and
     the number of failures: regressions, errors of the run, batch-consistency failures and baselines
-    measured differently.
+    measured differently; and a line counting, per metric, the figures that passed with spreads wider
+    than their tolerance (None when there are none). Those figures are marked `noisy`, or `FAIL` with
+    `fail_unresolved`.
     """
-    from harness.baselines import Tolerances, compare, provenance_mismatch, stale_figures
+    from harness.baselines import (
+        Tolerances,
+        compare,
+        provenance_mismatch,
+        resolution_summary,
+        stale_figures,
+        unresolved_message,
+    )
 
     lines: list[str] = []
     failures = 0
+    counts: dict[str, tuple[int, int]] = {}  # metric -> (checks whose spreads hid the tolerance, checks)
     tolerances: dict[str, Tolerances] = {}
     for path in paths:
         cells: dict[str, CellResult] = {}
@@ -200,6 +212,16 @@ def gate_results(store: BaselineStore, paths: list[Path], matrix: Any) -> tuple[
                 failures += 1
                 lines.append(f"FAIL {name} of {result.id}: the baseline was read another way ({why})")
             for verdict in compare(result, baseline, tolerances[suite]):
-                failures += verdict.regressed
-                lines.append(f"{'FAIL' if verdict.regressed else 'ok  '} {verdict.message}")
-    return lines, failures
+                low, of = counts.get(verdict.metric, (0, 0))
+                counts[verdict.metric] = (low + (not verdict.regressed and not verdict.resolved), of + 1)
+                if verdict.regressed:
+                    failures += 1
+                    lines.append(f"FAIL {verdict.message}")
+                elif verdict.resolved:
+                    lines.append(f"ok   {verdict.message}")
+                elif fail_unresolved:
+                    failures += 1
+                    lines.append(f"FAIL {unresolved_message(verdict)}")
+                else:
+                    lines.append(f"noisy {verdict.message}")
+    return lines, failures, resolution_summary(counts)

@@ -103,6 +103,9 @@ def test_the_step_summary_lists_every_gated_figure():
                           "figures": {"decode_tokens_per_s": {"value": 90.0, "baseline": 100.0, "change": 0.1}}}])
     assert "1 gated results, 1 regressed" in text
     assert "| `fp16|m|b1` | decode_tokens_per_s | 90 | 100 | +10.0% | regressed |" in text
+    noisy = step_summary([{"cell": "fp16|m|b1", "status": "ok", "unresolved": ["decode_tokens_per_s"],
+                           "figures": {"decode_tokens_per_s": {"value": 90.0, "baseline": 100.0, "change": 0.1}}}])
+    assert "| +10.0% | ok (noise > tolerance) |" in noisy
 
 
 def gated_cell(decode, key="gpu-a", consistent=True, error=None):
@@ -144,6 +147,25 @@ def test_gate_fails_a_figure_read_by_another_memory_protocol_and_still_gates_the
            "baseline 1, now 2" in out
     assert "FAIL decode_tokens_per_s of fp16|m|b1 regressed 60.0%" in out
     assert "2 failure(s) in" in out and "peak_nvml_mib of fp16|m|b1 regressed" not in out
+
+
+def test_gate_marks_a_figure_whose_spreads_hide_its_tolerance_and_fails_it_only_when_asked(tmp_path, capsys):
+    noisy = gated_cell(100.0)
+    noisy.figures["decode_tokens_per_s"] = Figure(100.0, spread=40.0)  # noise 2 x hypot(40, 40): 113 %
+    BaselineStore(tmp_path / "bl").merge("gpu-a", [noisy])
+    results = tmp_path / "run.jsonl"
+    measured = gated_cell(80.0)
+    measured.figures["decode_tokens_per_s"] = Figure(80.0, spread=40.0)  # 20 % slower: within the noise
+    write_results(results, [measured])
+    args = ["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "noisy decode_tokens_per_s of fp16|m|b1 worsened 20.0%, within tolerance" in out
+    assert "0 failure(s) in 1 check(s)\n1 of 1 check(s) passed with spreads wider than their tolerance " \
+           "(decode_tokens_per_s 1/1)" in out
+    assert main([*args, "--fail-unresolved"]) == 1
+    assert "FAIL decode_tokens_per_s of fp16|m|b1 cannot be gated at 50.0%: the spreads of baseline and run " \
+           "let a regression of up to 113.1% pass (this run: +20.0%, + is worse)" in capsys.readouterr().out
 
 
 def test_gate_reports_a_cell_without_baseline_and_an_unknown_suite(tmp_path, capsys):

@@ -14,6 +14,8 @@ from harness.baselines import (
     Verdict,
     compare,
     regressions,
+    resolution_summary,
+    unresolved,
 )
 from harness.metrics import METRICS
 from harness.results import CellResult, Figure
@@ -149,6 +151,42 @@ def test_the_message_says_why_a_worsening_passed() -> None:
     assert "worsened 10.0%, within noise" in within_noise.message
     assert "improved 10.0%" in better.message
     assert "(baseline 10, measured 10.05; " in within_tolerance.message
+
+
+@pytest.mark.parametrize("metric", sorted(METRICS))
+@given(value=values, tolerance=st.floats(min_value=1e-3, max_value=0.9), share=st.floats(min_value=0.0, max_value=0.99),
+       factor=st.floats(min_value=1.01, max_value=100.0), noise_sigmas=st.floats(min_value=0.5, max_value=5.0))
+def test_a_check_is_resolved_exactly_when_the_spreads_fit_inside_the_tolerance(
+    metric: str, value: float, tolerance: float, share: float, factor: float, noise_sigmas: float
+) -> None:
+    # spreads whose combined noise is `share` (resolved) or `factor` (unresolved) times the tolerance
+    def spread(times: float) -> float:
+        return times * tolerance * value / (noise_sigmas * math.sqrt(2))
+
+    quiet = check(metric, Figure(value, spread(share)), Figure(value, spread(share)), tolerance, noise_sigmas)
+    noisy = check(metric, Figure(value, spread(factor)), Figure(value, spread(factor)), tolerance, noise_sigmas)
+    assert quiet.resolved and not noisy.resolved
+    assert unresolved([quiet, noisy]) == [noisy]
+
+
+def test_a_regression_caught_through_the_noise_is_not_also_unresolved() -> None:
+    caught = check("decode_tokens_per_s", Figure(100.0, spread=5.0), Figure(50.0, spread=5.0), 0.05)
+    assert caught.regressed and not caught.resolved
+    assert unresolved([caught]) == []
+
+
+def test_a_metric_floor_alone_never_makes_a_check_unresolved() -> None:
+    # a load time of 0.2 s sits below the floor of load_s, yet with no spreads the check is resolved
+    assert METRICS["load_s"].floor > 0.2 * 0.2
+    assert check("load_s", Figure(0.2), Figure(0.21), 0.2).resolved
+
+
+def test_the_resolution_summary_counts_per_metric_and_is_silent_when_all_resolved() -> None:
+    assert resolution_summary({"decode_tokens_per_s": (0, 3)}) is None
+    line = resolution_summary({"decode_tokens_per_s": (2, 3), "ttft_ms": (0, 3), "ppl": (1, 1)})
+    assert line is not None
+    assert line.startswith("3 of 7 check(s) passed with spreads wider than their tolerance "
+                           "(decode_tokens_per_s 2/3, ppl 1/1)")
 
 
 def test_a_zero_baseline_does_not_divide_by_zero() -> None:

@@ -144,6 +144,31 @@ def test_a_memory_figure_read_another_way_fails_while_the_cells_speeds_still_gat
     assert json.loads(path.read_text()) == stored  # nothing written
 
 
+def test_a_figure_whose_spreads_hide_its_tolerance_is_counted_and_fails_only_when_asked(suite, pytester):
+    suite("--update-baselines", "-k", "test_decode").assert_outcomes(passed=1)
+    [path] = baseline_files(pytester.path)
+    stored = json.loads(path.read_text())
+    decode = stored["cells"]["fp32|tiny|b1"]["figures"]["decode_tokens_per_s"]
+    decode["spread"] = decode["value"]  # a baseline as noisy as a busy shared host makes it: noise > 50 %
+    path.write_text(json.dumps(stored))
+
+    passed = suite("-k", "test_decode")
+    passed.assert_outcomes(passed=1)
+    passed.stdout.fnmatch_lines(["*fp32|tiny|b1*decode_tokens_per_s*ok (noise > tolerance)*",
+                                 "1 of 1 check(s) passed with spreads wider than their tolerance "
+                                 "(decode_tokens_per_s 1/1)*"])
+
+    failed = suite("-k", "test_decode", "--fail-unresolved")
+    failed.assert_outcomes(failed=1)
+    failed.stdout.re_match_lines([r".*decode_tokens_per_s of fp32\|tiny\|b1 cannot be gated at 50\.0%: the spreads "
+                                  r"of baseline and run let a regression of up to \d+\.\d% pass .*quieter host"])
+    summary = json.loads(sorted((pytester.path / "results").glob("*-summary.json"))[-1].read_text())
+    [record] = [r for r in summary["records"] if r["cell"] == "fp32|tiny|b1"]
+    assert (record["status"], record["unresolved"]) == ("unresolved", ["decode_tokens_per_s"])
+    assert record["figures"]["decode_tokens_per_s"]["noise"] > 0.5
+    assert json.loads(path.read_text()) == stored  # nothing written
+
+
 def test_a_slowed_run_can_never_become_a_baseline(suite):
     result = suite("--update-baselines", "--inject-decode-delay-ms", "5")
     assert "cannot be combined with --update-baselines" in result.stderr.str()
