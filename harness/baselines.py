@@ -579,6 +579,32 @@ def stale_figures(measured: CellResult, baseline: CellResult) -> dict[str, str]:
     return {m: why for m in PROTOCOL_METRICS if m in measured.figures and m in baseline.figures}
 
 
+# Facts of the run (not of the config) that often explain a change: where a regression's message looks first.
+_HOST_FIELDS = ("cpu", "cpu_count", "cpu_affinity", "system")
+_GPU_FIELDS = ("driver", "cuda_driver")
+_ENVIRONMENT_FIELDS = ("quantbench_revision", "torch_cuda", "cudnn")
+
+
+def run_differences(measured: CellResult, baseline: CellResult) -> list[str]:
+    """What differed between the run that recorded `baseline` and the one that measured `measured`.
+
+    Library versions, the suite's revision, CUDA, the driver and the host (CPU, CPU share, kernel): not
+    reasons to refuse a comparison (catching what a release changes is the gate's point) but the first
+    places to look when a figure moved. Fields that one side did not record are left out.
+    """
+    def pairs(old: dict[str, Any], new: dict[str, Any], names: Iterable[str], prefix: str) -> list[str]:
+        return [f"{prefix}{name} {old[name]} -> {new[name]}" for name in names
+                if name in old and name in new and old[name] != new[name]]
+
+    old_packages = baseline.environment.get("packages") or {}
+    new_packages = measured.environment.get("packages") or {}
+    found = pairs(old_packages, new_packages, sorted(old_packages), "")
+    found += pairs(baseline.environment, measured.environment, _ENVIRONMENT_FIELDS, "")
+    found += pairs(baseline.hardware.get("gpu") or {}, measured.hardware.get("gpu") or {}, _GPU_FIELDS, "gpu.")
+    found += pairs(baseline.hardware, measured.hardware, _HOST_FIELDS, "")
+    return found
+
+
 def provenance_mismatch(measured: CellResult, baseline: CellResult) -> list[str]:
     """The config fields and input digests on which a baseline differs from a measured cell.
 

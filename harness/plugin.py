@@ -24,6 +24,7 @@ from harness.baselines import (
     provenance_mismatch,
     regressions,
     resolution_summary,
+    run_differences,
     stale_figures,
     unresolved,
     unresolved_message,
@@ -377,6 +378,10 @@ class QuantBench:
                                 else "unresolved" if noisy and self.fail_unresolved else "ok")
             if self.fail_unresolved:
                 failures.extend(unresolved_message(v) + pooled for v in noisy)
+            differences = run_differences(measured, baseline) if failures else []
+            if differences:
+                record["run_differences"] = differences
+                failures.append(f"{ref.id}: the baseline's run differed in: {', '.join(differences)}")
             failures.extend(f"{ref.id}: {name} of the baseline in {self.store.path(key, ref.cell.model.name)} "
                             f"was read another way ({why}); re-record it with --update-baselines"
                             for name, why in stale.items())

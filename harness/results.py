@@ -160,13 +160,15 @@ def gate_results(
     the number of failures: regressions, errors of the run, batch-consistency failures and baselines
     measured differently; and a line counting, per metric, the figures that passed with spreads wider
     than their tolerance (None when there are none). Those figures are marked `noisy`, or `FAIL` with
-    `fail_unresolved`.
+    `fail_unresolved`. A failing figure's line ends with what differed between the baseline's run and
+    this one (library versions, driver, host; `run_differences`).
     """
     from harness.baselines import (
         Tolerances,
         compare,
         provenance_mismatch,
         resolution_summary,
+        run_differences,
         stale_figures,
         unresolved_message,
     )
@@ -211,17 +213,19 @@ def gate_results(
             for name, why in stale.items():
                 failures += 1
                 lines.append(f"FAIL {name} of {result.id}: the baseline was read another way ({why})")
+            differences = run_differences(result, baseline)
+            differed = f"; the baseline's run differed in: {', '.join(differences)}" if differences else ""
             for verdict in compare(result, baseline, tolerances[suite]):
                 low, of = counts.get(verdict.metric, (0, 0))
                 counts[verdict.metric] = (low + (not verdict.regressed and not verdict.resolved), of + 1)
                 if verdict.regressed:
                     failures += 1
-                    lines.append(f"FAIL {verdict.message}")
+                    lines.append(f"FAIL {verdict.message}{differed}")
                 elif verdict.resolved:
                     lines.append(f"ok   {verdict.message}")
                 elif fail_unresolved:
                     failures += 1
-                    lines.append(f"FAIL {unresolved_message(verdict)}")
+                    lines.append(f"FAIL {unresolved_message(verdict)}{differed}")
                 else:
                     lines.append(f"noisy {verdict.message}")
     return lines, failures, resolution_summary(counts)

@@ -149,6 +149,19 @@ def test_gate_fails_a_figure_read_by_another_memory_protocol_and_still_gates_the
     assert "2 failure(s) in" in out and "peak_nvml_mib of fp16|m|b1 regressed" not in out
 
 
+def test_a_failing_line_of_the_offline_gate_says_what_differed_from_the_baselines_run(tmp_path, capsys):
+    old = gated_cell(100.0)
+    old.environment = {"packages": {"torch": "2.11.0"}}
+    BaselineStore(tmp_path / "bl").merge("gpu-a", [old])
+    new = gated_cell(40.0)
+    new.environment = {"packages": {"torch": "2.12.0"}}
+    results = tmp_path / "run.jsonl"
+    write_results(results, [new])
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 1
+    assert "regressed 60.0%" in (out := capsys.readouterr().out)
+    assert "; the baseline's run differed in: torch 2.11.0 -> 2.12.0\n" in out
+
+
 def test_gate_marks_a_figure_whose_spreads_hide_its_tolerance_and_fails_it_only_when_asked(tmp_path, capsys):
     noisy = gated_cell(100.0)
     noisy.figures["decode_tokens_per_s"] = Figure(100.0, spread=40.0)  # noise 2 x hypot(40, 40): 113 %

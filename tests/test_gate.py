@@ -15,6 +15,7 @@ from harness.baselines import (
     compare,
     regressions,
     resolution_summary,
+    run_differences,
     unresolved,
 )
 from harness.metrics import METRICS
@@ -343,3 +344,17 @@ def test_only_the_figures_a_changed_memory_protocol_reads_are_stale() -> None:
     assert list(stale) == ["peak_nvml_mib"] and "details.memory_protocol: baseline 1, now 2" in stale["peak_nvml_mib"]
     assert stale_figures(made(memory_protocol=1), made()) == {}
     assert stale_figures(made(memory_protocol=2), made(memory_protocol=2)) == {}
+
+
+def test_run_differences_name_versions_driver_and_host_that_both_runs_recorded() -> None:
+    def run(torch: str, driver: str, cpus: int, extra: dict | None = None) -> CellResult:
+        return CellResult("fp16", "m", 1, environment={"packages": {"torch": torch, "gguf": None, **(extra or {})},
+                                                       "quantbench_revision": "abc", "torch_cuda": "13.0"},
+                          hardware={"cpu": "Xeon", "cpu_count": cpus, "gpu": {"driver": driver, "name": "H200"}})
+
+    baseline = run("2.11.0", "580.1", 64)
+    assert run_differences(run("2.11.0", "580.1", 64), baseline) == []
+    # a package only the newer run tracks says nothing about what changed
+    assert run_differences(run("2.11.0", "580.1", 64, {"lm-eval": "0.4"}), baseline) == []
+    assert run_differences(run("2.12.0", "590.2", 16), baseline) == [
+        "torch 2.11.0 -> 2.12.0", "gpu.driver 580.1 -> 590.2", "cpu_count 64 -> 16"]

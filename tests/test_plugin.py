@@ -86,11 +86,14 @@ def test_record_then_gate_then_catch_a_slowdown(suite, pytester):
     gated.assert_outcomes(passed=7, skipped=1)
     assert "ok" in gated.stdout.str()
 
+    stored["cells"]["fp32|tiny|b1"]["environment"]["packages"]["torch"] = "2.0.0"  # as if recorded on an older torch
+    files[0].write_text(json.dumps(stored))
     before = files[0].read_bytes()
     slowed = suite("--inject-decode-delay-ms", "150", "-k", "test_decode")
     slowed.assert_outcomes(failed=1)
     slowed.stdout.re_match_lines([r".*decode_tokens_per_s of fp32\|tiny\|b1 regressed \d+\.\d% \(baseline .* "
-                                  r"tokens/s, measured .* tokens/s; tolerance 50\.0%, noise .*\)"])
+                                  r"tokens/s, measured .* tokens/s; tolerance 50\.0%, noise .*\)",
+                                  r".*fp32\|tiny\|b1: the baseline's run differed in: torch 2\.0\.0 -> \d.*"])
     assert files[0].read_bytes() == before
 
 
