@@ -555,8 +555,8 @@ def resolution_summary(counts: dict[str, tuple[int, int]]) -> str | None:
     total = sum(pair[0] for pair in hidden.values())
     checked = sum(pair[1] for pair in counts.values())
     parts = ", ".join(f"{metric} {low}/{of}" for metric, (low, of) in hidden.items())
-    return (f"{total} of {checked} check(s) passed with spreads wider than their tolerance ({parts}): there a "
-            "regression within the noise passes; --fail-unresolved fails them")
+    return (f"{total} of {checked} check(s) passed with spreads wider than their tolerance ({parts}): a "
+            "regression inside their noise would have passed too; --fail-unresolved fails them")
 
 
 # Settings that change what a figure means; a baseline made under others is not comparable.
