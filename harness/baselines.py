@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -439,6 +440,11 @@ class Verdict:
     resolved: bool = True
 
     @property
+    def unresolved(self) -> bool:
+        """Passed only because the spreads were wider than the tolerance."""
+        return not self.regressed and not self.resolved
+
+    @property
     def message(self) -> str:
         """One line for people: what changed, by how much, and the limits it was held to."""
         amount = f"{abs(self.change):.1%}"
@@ -537,7 +543,7 @@ def regressions(verdicts: Iterable[Verdict]) -> list[Verdict]:
 
 def unresolved(verdicts: Iterable[Verdict]) -> list[Verdict]:
     """The verdicts that passed only because the spreads were wider than the tolerance."""
-    return [verdict for verdict in verdicts if not verdict.regressed and not verdict.resolved]
+    return [verdict for verdict in verdicts if verdict.unresolved]
 
 
 def unresolved_message(verdict: Verdict) -> str:
@@ -547,16 +553,18 @@ def unresolved_message(verdict: Verdict) -> str:
             "+ is worse); measure on a quieter host (fewer xdist workers, nothing else running)")
 
 
-def resolution_summary(counts: dict[str, tuple[int, int]]) -> str | None:
-    """One line on the checks whose noise hid their tolerance: `counts` maps metric -> (unresolved, checked)."""
-    hidden = {metric: pair for metric, pair in sorted(counts.items()) if pair[0]}
-    if not hidden:
+def resolution_summary(checks: Iterable[tuple[str, bool]]) -> str | None:
+    """One line on the checks whose noise hid their tolerance, per metric: `checks` are (metric, unresolved)."""
+    checked: Counter[str] = Counter()
+    hidden: Counter[str] = Counter()
+    for metric, noisy in checks:
+        checked[metric] += 1
+        hidden[metric] += noisy
+    parts = ", ".join(f"{metric} {hidden[metric]}/{checked[metric]}" for metric in sorted(hidden) if hidden[metric])
+    if not parts:
         return None
-    total = sum(pair[0] for pair in hidden.values())
-    checked = sum(pair[1] for pair in counts.values())
-    parts = ", ".join(f"{metric} {low}/{of}" for metric, (low, of) in hidden.items())
-    return (f"{total} of {checked} check(s) passed with spreads wider than their tolerance ({parts}): a "
-            "regression inside their noise would have passed too; --fail-unresolved fails them")
+    return (f"{hidden.total()} of {checked.total()} check(s) passed with spreads wider than their tolerance "
+            f"({parts}): a regression inside their noise would have passed too; --fail-unresolved fails them")
 
 
 # Settings that change what a figure means; a baseline made under others is not comparable.

@@ -479,13 +479,8 @@ class QuantBench:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             terminalreporter.write_line(f"{len(missing)} cell(s) have no baseline for this hardware "
                                         f"(record with --update-baselines): {shown}")
-        counts: dict[str, tuple[int, int]] = {}
-        for record in self.records:
-            for name, fig in record["figures"].items():
-                if "change" in fig:
-                    low, of = counts.get(name, (0, 0))
-                    counts[name] = (low + (name in record.get("unresolved", ())), of + 1)
-        line = resolution_summary(counts)
+        line = resolution_summary((name, name in record.get("unresolved", ())) for record in self.records
+                                  for name, fig in record["figures"].items() if "change" in fig)
         if line:
             terminalreporter.write_line(line)
         path = self.results_dir / f"{self.run_id}-summary.json"

@@ -175,7 +175,7 @@ def gate_results(
 
     lines: list[str] = []
     failures = 0
-    counts: dict[str, tuple[int, int]] = {}  # metric -> (checks whose spreads hid the tolerance, checks)
+    checks: list[tuple[str, bool]] = []  # (metric, whether its spreads hid the tolerance) of every verdict
     tolerances: dict[str, Tolerances] = {}
     for path in paths:
         cells: dict[str, CellResult] = {}
@@ -216,8 +216,7 @@ def gate_results(
             differences = run_differences(result, baseline)
             differed = f"; the baseline's run differed in: {', '.join(differences)}" if differences else ""
             for verdict in compare(result, baseline, tolerances[suite]):
-                low, of = counts.get(verdict.metric, (0, 0))
-                counts[verdict.metric] = (low + (not verdict.regressed and not verdict.resolved), of + 1)
+                checks.append((verdict.metric, verdict.unresolved))
                 if verdict.regressed:
                     failures += 1
                     lines.append(f"FAIL {verdict.message}{differed}")
@@ -228,4 +227,4 @@ def gate_results(
                     lines.append(f"FAIL {unresolved_message(verdict)}{differed}")
                 else:
                     lines.append(f"noisy {verdict.message}")
-    return lines, failures, resolution_summary(counts)
+    return lines, failures, resolution_summary(checks)

@@ -183,8 +183,9 @@ def test_a_metric_floor_alone_never_makes_a_check_unresolved() -> None:
 
 
 def test_the_resolution_summary_counts_per_metric_and_is_silent_when_all_resolved() -> None:
-    assert resolution_summary({"decode_tokens_per_s": (0, 3)}) is None
-    line = resolution_summary({"decode_tokens_per_s": (2, 3), "ttft_ms": (0, 3), "ppl": (1, 1)})
+    assert resolution_summary([("decode_tokens_per_s", False)] * 3) is None
+    line = resolution_summary([("decode_tokens_per_s", True), ("ttft_ms", False), ("decode_tokens_per_s", True),
+                               ("ppl", True), ("ttft_ms", False), ("decode_tokens_per_s", False), ("ttft_ms", False)])
     assert line is not None
     assert line.startswith("3 of 7 check(s) passed with spreads wider than their tolerance "
                            "(decode_tokens_per_s 2/3, ppl 1/1)")

@@ -1,26 +1,28 @@
 #!/bin/bash
-# GPU runs G and H (torch only): re-record the pairs of the methods in $1 under the tracker that empties the
-# allocator cache, then the whole torch gate on a quiet host with --strict-baselines --recheck.
-# Run G (2 GPUs) used the default methods and went back after 6 of the 8 pairs; run H (4 GPUs) passed
-# bf16-compiled. From the repository root: `bash docs/evidence/nvidia-h200-140gb/run-2026-11-28-rerecord-gate.sh [METHODS]`.
+# GPU runs G, H and I (torch only): re-record the cells of METHODS x MODELS under the tracker that empties
+# the allocator cache (memory protocol 2), then gate GATE_METHODS x MODELS on the same host with
+# --strict-baselines --recheck. From the repository root, with the bitsandbytes 0.50.2 wheel under .whl/:
+#   bash docs/evidence/nvidia-h200-140gb/run-2026-11-28-rerecord-gate.sh [METHODS [MODELS [GATE_METHODS]]]
+# Run G (2 GPUs): no arguments; the machine went back after 6 of the 8 pairs.
+# Run H (4 GPUs): `bf16-compiled`.
+# Run I (1 GPU, 16 cores): `fp16,fp16-compiled,bf16,bf16-compiled,bnb-int8,bnb-nf4,bnb-nf4-dq,bnb-fp4
+#   tinyllama-1.1b-arch fp16,fp16-compiled,bf16,bf16-compiled,bnb-int8,bnb-nf4,bnb-nf4-dq,bnb-fp4`; the device
+#   time ended while the gate ran its last pair (bnb-fp4).
+TORCH_METHODS=fp16,fp16-compiled,bf16,bf16-compiled,bnb-int8,bnb-nf4,bnb-nf4-dq,bnb-fp4
 METHODS=${1:-fp16,fp16-compiled,bf16,bf16-compiled}
-R=/tmp/run; mkdir -p $R; SRC=$PWD
-exec > $R/main.log 2>&1
-set -x
-phase() { echo "$1 $(date +%s) $(date -u +%H:%M:%S)" >> $R/phases; }
-phase start
-rm -rf /tmp/repo && cp -a $SRC /tmp/repo && cd /tmp/repo && REPO=/tmp/repo && echo $REPO > $R/repo
-NGPU=$(nvidia-smi -L | wc -l); NCPU=$(nproc); echo "gpus=$NGPU cpus=$NCPU" >> $R/phases
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/gpus.txt
+MODELS=${2:-tinyllama-1.1b-arch,llama-2-7b-arch}
+GATE_METHODS=${3:-$TORCH_METHODS}
+. "$(dirname "$0")/device-setup.sh"
+echo "methods=$METHODS models=$MODELS gate=$GATE_METHODS" >> $R/phases
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$REPO QUANTBENCH_CACHE=/tmp/qbcache PYTHONUNBUFFERED=1
-python3 -c "from harness.models import synthetic_folder; [synthetic_folder(a, 0) for a in ('tinyllama-1.1b', 'llama-2-7b')]" > $R/synthetic.log 2>&1
+ARCHS=$(python3 -c "import sys; print(' '.join(m.removesuffix('-arch') for m in sys.argv[1].split(',')))" "$MODELS")
+python3 -c "import sys; from harness.models import synthetic_folder; [synthetic_folder(a, 0) for a in sys.argv[1:]]" $ARCHS > $R/synthetic.log 2>&1
 phase synthetic
 python3 -m pytest benchmarks -m gpu -n $NGPU --dist loadgroup -p no:cacheprovider --results-dir results/rerecord \
-  --methods $METHODS --update-baselines -rfEs > $R/rerecord.log 2>&1
+  --methods $METHODS --models $MODELS --update-baselines -rfEs > $R/rerecord.log 2>&1
 echo "rerecord rc=$?" >> $R/phases; phase rerecord-done
 python3 -m pytest benchmarks -m gpu -n $NGPU --dist loadgroup -p no:cacheprovider --strict-baselines --recheck \
-  --results-dir results/gate --methods fp16,fp16-compiled,bf16,bf16-compiled,bnb-int8,bnb-nf4,bnb-nf4-dq,bnb-fp4 \
-  -rfEs > $R/gate.log 2>&1
+  --results-dir results/gate --methods $GATE_METHODS --models $MODELS -rfEs > $R/gate.log 2>&1
 echo "gate rc=$?" >> $R/phases; phase gate-done
 touch $R/DONE

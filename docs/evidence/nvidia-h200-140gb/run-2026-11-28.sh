@@ -1,14 +1,7 @@
 #!/bin/bash
 # GPU run F: build llama.cpp CUDA alone, GGUF files, token-choice probe, GGUF cells (torch-free measured
 # processes), then the torch gate on a quiet host with --recheck, then compiled GPTQ/AWQ.
-R=/tmp/run; mkdir -p $R; SRC=$PWD
-exec > $R/main.log 2>&1
-set -x
-phase() { echo "$1 $(date +%s) $(date -u +%H:%M:%S)" >> $R/phases; }
-phase start
-rm -rf /tmp/repo && cp -a $SRC /tmp/repo && cd /tmp/repo && REPO=/tmp/repo && echo $REPO > $R/repo
-NGPU=$(nvidia-smi -L | wc -l); NCPU=$(nproc); echo "gpus=$NGPU cpus=$NCPU" >> $R/phases
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/gpus.txt
+. "$(dirname "$0")/device-setup.sh"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl-gptq/*.whl
 export PYTHONPATH=/tmp/site:$REPO QUANTBENCH_CACHE=/tmp/qbcache PYTHONUNBUFFERED=1 GPTQMODEL_OFFLINE=1
 phase build
