@@ -569,8 +569,9 @@ def resolution_summary(checks: Iterable[tuple[str, bool]]) -> str | None:
 
 # Settings that change what a figure means; a baseline made under others is not comparable.
 _COMPARABLE_CONFIG = ("method", "model", "run", "accuracy")
-# These decide a limit or a pass/fail check, not how any stored figure is measured.
-_IGNORED_RUN_FIELDS = ("cell_timeout_s", "consistency_tokens")
+# These decide a limit or a pass/fail check, or how many processes' samples pool into a figure (its spread
+# shows that), not how any stored figure is measured.
+_IGNORED_RUN_FIELDS = ("cell_timeout_s", "consistency_tokens", "processes")
 
 
 def stale_figures(measured: CellResult, baseline: CellResult) -> dict[str, str]:

@@ -34,6 +34,9 @@ class RunConfig:
     cell_timeout_s: float = 1800.0  # a (method, model) worker still running after this is killed
     seed: int = 0  # seeds prompt ids for models without a tokenizer, and sampling-free generation
     consistency_tokens: int = 16  # greedy tokens compared between a left-padded batch and lone prompts (0: off)
+    # worker processes that measure each (method, model), one after another; figures with repeats pool their
+    # samples, so the spread counts what changes between processes (allocations, compiled graphs, clocks)
+    processes: int = 1
 
 
 @dataclass(frozen=True)

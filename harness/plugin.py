@@ -34,7 +34,7 @@ from harness.hardware import cpu_share_env, gpu_info, hardware_key, worker_cpu_s
 from harness.isolation import Outcome, run_isolated
 from harness.methods import BACKENDS, Method, method_class
 from harness.metrics import TASK_PREFIX
-from harness.results import CellResult, cell_id, pool
+from harness.results import CellResult, cell_id
 
 RESULTS_SCHEMA_VERSION = 1
 DEFAULT_MATRIX = Path("benchmarks") / "matrix.toml"
@@ -60,6 +60,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--recheck", action="store_true",
                     help="measure a cell again when a figure with repeats regresses, and gate the pooled "
                          "samples of both runs (noisy shared runners)")
+    group.addoption("--processes", type=int, default=None, metavar="N",
+                    help="measure each (method, model) in N processes, one after another, and pool their "
+                         "samples (overrides the matrix's run.processes; spreads then count what changes "
+                         "between processes)")
     group.addoption("--fail-unresolved", action="store_true",
                     help="fail a figure whose spreads (baseline and run) are wider than its tolerance, since "
                          "a regression within that noise would pass (release gates on dedicated runners)")
@@ -125,6 +129,9 @@ class QuantBench:
         self.strict = option("--strict-baselines")
         self.fail_unresolved = option("--fail-unresolved")
         self.delay_ms = option("--inject-decode-delay-ms")
+        self.processes = option("--processes")
+        if self.processes is not None and self.processes < 1:
+            raise pytest.UsageError(f"--processes: must be 1 or more, got {self.processes}")
         if self.update and self.delay_ms:
             raise pytest.UsageError("--inject-decode-delay-ms makes cells slower on purpose; "
                                     "it cannot be combined with --update-baselines")
@@ -203,7 +210,7 @@ class QuantBench:
                 "method": cell.method.to_dict(),
                 "model": {f: getattr(cell.model, f) for f in cell.model.__dataclass_fields__},
                 "batch_sizes": list(cell.batch_sizes),
-                "run": cell.suite.run.__dict__,
+                "run": {**cell.suite.run.__dict__, "processes": self.processes or cell.suite.run.processes},
                 "accuracy": cell.suite.accuracy.__dict__,
                 "inject_decode_delay_ms": self.delay_ms,
             }
@@ -227,9 +234,10 @@ class QuantBench:
             if outcome.status == "ok":
                 if reference is not None:
                     self._ensure_reference(cell, job, reference, env)
-                outcome = run_isolated(job, cell.suite.run.cell_timeout_s, env)
+                outcome = self._measure(cell, job, env)
                 self.jobs[cell.key] = (job, env)
-            self._write_results(cell, outcome)
+            else:
+                self._write_results(cell, outcome)
             if self.update and outcome.results:
                 try:
                     self.store.merge(self.hardware_key(cell.suite.device), outcome.results)
@@ -238,6 +246,25 @@ class QuantBench:
                     outcome.status, outcome.reason = "error", f"baselines not updated: {exc}"
                     outcome.results = []
         self.outcomes[cell.key] = outcome
+        return outcome
+
+    def _measure(self, cell: Cell, job: dict[str, Any], env: dict[str, str]) -> Outcome:
+        """Run the measuring job in `run.processes` processes, one after another, and pool their samples.
+
+        Each process's results are written as they come. A later process that fails fails the cell: its
+        first process's figures alone would pass for the pooled ones.
+        """
+        processes = job["run"]["processes"]
+        outcome = run_isolated(job, cell.suite.run.cell_timeout_s, env)
+        self._write_results(cell, outcome)
+        for number in range(2, processes + 1):
+            if outcome.status != "ok":
+                break
+            again = run_isolated(job, cell.suite.run.cell_timeout_s, env)
+            self._write_results(cell, again)
+            if again.status != "ok":
+                return replace(again, reason=f"process {number} of {processes}: {again.reason}", results=[])
+            outcome.pool(again)
         return outcome
 
     def _ensure_reference(self, cell: Cell, job: dict[str, Any], reference: Any, env: dict[str, str]) -> None:
@@ -295,12 +322,7 @@ class QuantBench:
         self._write_results(cell, again)
         if again.status != "ok":
             return False
-        first = self.outcomes[cell.key]
-        pooled = []
-        for result in first.results:
-            other = again.result(result.batch_size)
-            pooled.append(pool(result, other) if other is not None and not (result.error or other.error) else result)
-        first.results = pooled
+        self.outcomes[cell.key].pool(again)
         self.recheck_reasons[cell.key] = reasons
         return True
 

@@ -116,6 +116,16 @@ def read_results(path: Path) -> list[CellResult]:
     return results
 
 
+def read_pooled_results(path: Path) -> list[CellResult]:
+    """The cell results of a run's results file, a cell measured by several processes of the run (its
+    `run.processes`, or --recheck) pooled into one result, in the order the cells first appear."""
+    cells: dict[tuple[Any, Any, str], CellResult] = {}
+    for result in read_results(path):
+        key = (result.hardware.get("hardware_key"), result.config.get("suite"), result.id)
+        cells[key] = pool(cells[key], result) if key in cells else result
+    return list(cells.values())
+
+
 def pool(first: CellResult, again: CellResult) -> CellResult:
     """One cell measured twice: each figure with repeats in both runs becomes the median and spread of all
     their samples; a figure measured once (perplexity, load time) keeps the first run's value."""
@@ -135,7 +145,7 @@ def import_results(store: BaselineStore, paths: list[Path]) -> dict[Path, list[P
     """
     written: dict[Path, list[Path]] = {}
     for path in paths:
-        results = read_results(path)
+        results = read_pooled_results(path)
         for result in results:
             if result.config.get("inject_decode_delay_ms"):
                 raise ValueError(f"{path}: {result.id} was slowed on purpose (inject_decode_delay_ms); "
@@ -178,10 +188,7 @@ def gate_results(
     checks: list[tuple[str, bool]] = []  # (metric, whether its spreads hid the tolerance) of every verdict
     tolerances: dict[str, Tolerances] = {}
     for path in paths:
-        cells: dict[str, CellResult] = {}
-        for result in read_results(path):  # a cell measured again in the same run (--recheck) is pooled
-            cells[result.id] = pool(cells[result.id], result) if result.id in cells else result
-        for result in cells.values():
+        for result in read_pooled_results(path):
             key = result.hardware.get("hardware_key")
             if not key:
                 raise ValueError(f"{path}: {result.id} has no hardware.hardware_key")

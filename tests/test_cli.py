@@ -46,6 +46,19 @@ def test_import_results_merges_under_the_key_that_measured_them(tmp_path):
     assert store.load("gpu-b", "m")["fp16|m|b1"].figures["decode_tokens_per_s"].value == 120.0
 
 
+def test_import_results_pools_a_cell_that_several_processes_measured(tmp_path):
+    results = tmp_path / "run.jsonl"
+    with open(results, "w") as handle:  # one record per process, as `run.processes = 2` writes them
+        for decode in (100.0, 130.0):
+            handle.write(json.dumps({"cell": "x", "status": "ok",
+                                     "results": [cell("fp16", "gpu-a", decode).to_dict()]}) + "\n")
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "import-results", str(results)]) == 0
+    stored = BaselineStore(tmp_path / "bl").load("gpu-a", "m")["fp16|m|b1"]
+    decode = stored.figures["decode_tokens_per_s"]
+    assert decode.n == 6 and decode.value == 115.0 and decode.spread > 14  # both processes, not the last one
+    assert stored.details["pooled_runs"] == 2
+
+
 def test_import_results_refuses_a_slowed_run_and_writes_nothing(tmp_path, capsys):
     results = tmp_path / "run.jsonl"
     write_results(results, [cell("fp16", "gpu-a", 100.0, delay=5)])

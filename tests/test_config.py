@@ -77,6 +77,7 @@ def test_narrowing_by_an_unknown_name_says_which_names_exist():
          r"suites\.cpu\.batch_sizes\[1\]: expected int"),
         (lambda t: "[run]\nnew_tokens = -3\n" + t, r"run\.new_tokens: must be positive"),
         (lambda t: "[run]\nrepeats = true\n" + t, r"run\.repeats: expected int"),
+        (lambda t: "[run]\nprocesses = 0\n" + t, r"run\.processes: must be positive"),
         (lambda t: "[tolerances]\ndecode_tokens_per_s = -0.1\n" + t, r"tolerances"),
         (lambda t: "[tolerances]\nspeed = 0.1\n" + t, r"speed"),
         (lambda t: t + "\n[suites.cpu.tolerances.methods.nope]\nppl = 0.1\n", r"methods\.nope: unknown method"),

@@ -97,6 +97,52 @@ def test_record_then_gate_then_catch_a_slowdown(suite, pytester):
     assert files[0].read_bytes() == before
 
 
+def test_processes_pool_every_process_into_the_baseline_and_a_one_process_gate_still_compares(suite, pytester):
+    suite("--update-baselines", "-k", "test_decode", "--processes", "2").assert_outcomes(passed=1)
+    [path] = baseline_files(pytester.path)
+    stored = json.loads(path.read_text())["cells"]["fp32|tiny|b1"]
+    assert stored["figures"]["decode_tokens_per_s"]["n"] == 6  # 3 repeats in each of 2 processes
+    assert stored["details"]["pooled_runs"] == 2 and stored["config"]["run"]["processes"] == 2
+    [results] = (pytester.path / "results").glob("*.jsonl")  # each process's own figures, one record each
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["cell"] for r in records] == ["cpu:fp32|tiny"] * 2
+    assert [r["results"][1]["figures"]["decode_tokens_per_s"]["n"] for r in records] == [3, 3]
+    gated = suite("-k", "test_decode")  # the matrix's one process against a two-process baseline
+    gated.assert_outcomes(passed=1)
+    assert "measured differently" not in gated.stdout.str()
+    suite("--processes", "0").stderr.fnmatch_lines(["*--processes: must be 1 or more, got 0*"])
+
+
+def test_a_later_process_that_fails_fails_the_cell_without_the_earlier_figures(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from harness import plugin
+    from harness.isolation import Outcome
+    from harness.results import CellResult, Figure
+
+    (tmp_path / "matrix.toml").write_text(MATRIX)
+    options = {"--matrix": str(tmp_path / "matrix.toml"), "--results-dir": str(tmp_path / "results"),
+               "--processes": 3}
+    session = plugin.QuantBench(SimpleNamespace(rootpath=tmp_path, getoption=options.get))
+    [cell] = session.cells()
+
+    def measured(decode):
+        return Outcome("ok", results=[CellResult("fp32", "tiny", 1, {"decode_tokens_per_s": Figure.of(decode)})])
+
+    runs = iter([measured([10.0, 11.0]), measured([12.0, 13.0]), Outcome("crashed", "killed by signal SIGSEGV")])
+    monkeypatch.setattr(plugin, "run_isolated", lambda job, timeout_s, env: next(runs))
+    outcome = session._measure(cell, {"run": {"processes": 3}}, {})
+    assert (outcome.status, outcome.reason, outcome.results) == (
+        "crashed", "process 3 of 3: killed by signal SIGSEGV", [])
+    [results] = (tmp_path / "results").glob("*.jsonl")
+    assert [json.loads(line)["status"] for line in results.read_text().splitlines()] == ["ok", "ok", "crashed"]
+
+    runs = iter([measured([10.0, 11.0]), measured([12.0, 13.0])])
+    pooled = session._measure(cell, {"run": {"processes": 2}}, {})
+    figure = pooled.result(1).figures["decode_tokens_per_s"]
+    assert pooled.status == "ok" and figure.n == 4 and figure.value == 11.5
+
+
 def test_recheck_measures_a_regressed_cell_again_and_a_real_slowdown_still_fails(suite, pytester):
     suite("--update-baselines", "-k", "test_decode").assert_outcomes(passed=1)
     slowed = suite("--inject-decode-delay-ms", "150", "-k", "test_decode", "--recheck")
