@@ -424,7 +424,8 @@ class Verdict:
     """How one metric of one cell compares with its baseline.
 
     `change` is relative to the baseline and signed so that positive is worse whatever the metric's
-    direction. `noise` is the relative change that the spreads of baseline and run can explain.
+    direction. `noise` is the relative change that the spreads of baseline and run can explain, and
+    `noise_abs` the same in the metric's unit (against a zero baseline only that one is finite).
     `resolved` is False when those spreads alone exceed the tolerance: then a regression larger than the
     tolerance but within the noise passes, and the check caught only what the noise could not hide.
     """
@@ -438,6 +439,7 @@ class Verdict:
     noise: float
     regressed: bool
     resolved: bool = True
+    noise_abs: float = 0.0
 
     @property
     def unresolved(self) -> bool:
@@ -447,7 +449,13 @@ class Verdict:
     @property
     def message(self) -> str:
         """One line for people: what changed, by how much, and the limits it was held to."""
-        amount = f"{abs(self.change):.1%}"
+        unit = METRICS[self.metric].unit if self.metric in METRICS else ""
+        suffix = f" {unit}" if unit else ""
+        if self.baseline:
+            amount, noise = f"{abs(self.change):.1%}", f"{self.noise:.1%}"
+        else:  # no relative change from zero: say how far, in the metric's unit
+            amount = f"by {_number(abs(self.measured - self.baseline))}{suffix}"
+            noise = f"{_number(self.noise_abs)}{suffix}"
         if self.regressed:
             outcome = f"regressed {amount}"
         elif self.change < 0:
@@ -458,12 +466,10 @@ class Verdict:
             outcome = f"worsened {amount}, within tolerance"
         else:
             outcome = f"worsened {amount}, within noise"
-        unit = METRICS[self.metric].unit if self.metric in METRICS else ""
-        suffix = f" {unit}" if unit else ""
         return (
             f"{self.metric} of {self.cell_id} {outcome} (baseline {_number(self.baseline)}{suffix}, "
             f"measured {_number(self.measured)}{suffix}; "
-            f"tolerance {self.tolerance:.1%}, noise {self.noise:.1%})"
+            f"tolerance {self.tolerance:.1%}, noise {noise})"
         )
 
 
@@ -509,7 +515,7 @@ class RelativeNoiseAwareRule:
         regressed = change > tolerance and abs(worse_by) > noise
         resolved = spread_noise <= tolerance * scale
         return Verdict(cell_id, metric, baseline.value, measured.value, change, tolerance, relative_noise,
-                       regressed, resolved)
+                       regressed, resolved, noise)
 
 
 def compare(

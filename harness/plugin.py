@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -104,6 +105,10 @@ class CellRef:
     @property
     def id(self) -> str:
         return cell_id(self.cell.method.name, self.cell.model.name, self.batch_size)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _csv(value: str | None, cast: type = str) -> list[Any] | None:
@@ -416,9 +421,9 @@ class QuantBench:
             fig = measured.figures[name]
             record["figures"][name] = {"value": fig.value, "spread": fig.spread, "n": fig.n}
             request.node.user_properties.append((name, fig.value))
-        for v in verdicts:
-            record["figures"][v.metric].update(baseline=v.baseline, change=v.change, tolerance=v.tolerance,
-                                               noise=v.noise)
+        for v in verdicts:  # relative figures against a zero baseline are unbounded: null in JSON
+            record["figures"][v.metric].update(baseline=v.baseline, change=_finite(v.change), tolerance=v.tolerance,
+                                               noise=_finite(v.noise), noise_abs=v.noise_abs)
         request.node.user_properties.append(("quantbench", record))
         if failures:
             pytest.fail("\n".join(failures), pytrace=False)

@@ -29,16 +29,22 @@ def figure_status(record: dict[str, Any], name: str) -> str:
             + (" (noise > tolerance)" if name in record.get("unresolved", ()) else ""))
 
 
+def _worse_by(fig: dict[str, Any]) -> str:
+    """A gated figure's relative change (positive = worse); from a zero baseline there is none to give."""
+    change = fig.get("change")
+    if change is not None:
+        return f"{100 * change:+.1f}%"
+    return "from 0" if fig.get("baseline") == 0 and fig["value"] != 0 else "-"
+
+
 def summary_table(records: list[dict[str, Any]]) -> str:
     """One row per gated figure: value with spread, baseline, change (positive = worse) and status."""
     rows = []
     for record in sorted(records, key=lambda r: r["cell"]):
         for name, fig in sorted(record["figures"].items()):
             spread = f" +-{100 * fig['spread'] / fig['value']:.1f}%" if fig.get("spread") and fig["value"] else ""
-            change = fig.get("change")
             rows.append([record["cell"], name, _num(fig["value"]) + spread, METRICS[name].unit,
-                         _num(fig.get("baseline")), "-" if change is None else f"{100 * change:+.1f}%",
-                         figure_status(record, name)])
+                         _num(fig.get("baseline")), _worse_by(fig), figure_status(record, name)])
     return _table(["cell", "metric", "value", "unit", "baseline", "worse by", "status"], rows)
 
 
@@ -230,8 +236,7 @@ def step_summary(records: list[dict[str, Any]]) -> str:
     rows = ["| cell | metric | value | baseline | worse by | status |", "|---|---|---:|---:|---:|---|"]
     for record in sorted(records, key=lambda r: r["cell"]):
         for name, fig in sorted(record["figures"].items()):
-            change = fig.get("change")
             rows.append(f"| `{record['cell']}` | {name} | {_num(fig['value'])} | {_num(fig.get('baseline'))} | "
-                        f"{'-' if change is None else f'{100 * change:+.1f}%'} | {figure_status(record, name)} |")
+                        f"{_worse_by(fig)} | {figure_status(record, name)} |")
     regressed = sum(r["status"] == "regressed" for r in records)
     return f"## quantbench\n\n{len(records)} gated results, {regressed} regressed.\n\n" + "\n".join(rows) + "\n"

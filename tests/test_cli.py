@@ -119,6 +119,9 @@ def test_the_step_summary_lists_every_gated_figure():
     noisy = step_summary([{"cell": "fp16|m|b1", "status": "ok", "unresolved": ["decode_tokens_per_s"],
                            "figures": {"decode_tokens_per_s": {"value": 90.0, "baseline": 100.0, "change": 0.1}}}])
     assert "| +10.0% | ok (noise > tolerance) |" in noisy
+    grew = {"value": 12.0, "baseline": 0.0, "change": None}  # no relative change from 0 (null in the JSON)
+    from_zero = step_summary([{"cell": "nf4|m|b1", "status": "regressed", "figures": {"quantize_peak_vram_mib": grew}}])
+    assert "| 12 | 0 | from 0 | regressed |" in from_zero
 
 
 def gated_cell(decode, key="gpu-a", consistent=True, error=None):

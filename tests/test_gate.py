@@ -200,7 +200,11 @@ def test_a_zero_baseline_does_not_divide_by_zero() -> None:
     assert grew.change == math.inf and grew.regressed
     assert not grew_within_noise.regressed
     assert shrank_to_zero.change == -math.inf and not shrank_to_zero.regressed
-    assert "peak_vram_mib" in grew.message
+    assert grew.message == (f"peak_vram_mib of {CELL} regressed by 12 MiB (baseline 0 MiB, measured 12 MiB; "
+                            "tolerance 5.0%, noise 0 MiB)")
+    assert grew_within_noise.noise_abs == 20.0 and "noise 20 MiB" in grew_within_noise.message
+    kld = check("kld_mean", Figure(0.0), Figure(0.0), 0.1)  # a reference against itself: floor, no spread
+    assert kld.message.endswith("did not change (baseline 0 nats, measured 0 nats; tolerance 10.0%, noise 0.0001 nats)")
 
 
 def cell(method: str = "bnb-int8", **figures: Figure) -> CellResult:

@@ -86,6 +86,14 @@ def test_record_then_gate_then_catch_a_slowdown(suite, pytester):
     gated.assert_outcomes(passed=7, skipped=1)
     assert "ok" in gated.stdout.str()
 
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    summary = sorted((pytester.path / "results").glob("*-summary.json"))[-1].read_text()
+    records = {r["cell"]: r for r in json.loads(summary, parse_constant=strict)["records"]}
+    kld = records["fp32|tiny"]["figures"]["kld_mean"]  # the reference against itself: a zero baseline
+    assert (kld["baseline"], kld["change"], kld["noise"]) == (0, 0, None) and kld["noise_abs"] > 0
+
     stored["cells"]["fp32|tiny|b1"]["environment"]["packages"]["torch"] = "2.0.0"  # as if recorded on an older torch
     files[0].write_text(json.dumps(stored))
     before = files[0].read_bytes()
