@@ -603,9 +603,10 @@ _ENVIRONMENT_FIELDS = ("quantbench_revision", "torch_cuda", "cudnn")
 def run_differences(measured: CellResult, baseline: CellResult) -> list[str]:
     """What differed between the run that recorded `baseline` and the one that measured `measured`.
 
-    Library versions, the suite's revision, CUDA, the driver and the host (CPU, CPU share, kernel): not
-    reasons to refuse a comparison (catching what a release changes is the gate's point) but the first
-    places to look when a figure moved. Fields that one side did not record are left out.
+    Library versions, the suite's revision, CUDA, the driver, the host (CPU, CPU share, kernel) and how the
+    GPU ran during the timed repeats (clocks, throttling): not reasons to refuse a comparison (catching what
+    a release changes is the gate's point) but the first places to look when a figure moved. Fields that
+    one side did not record are left out.
     """
     def pairs(old: dict[str, Any], new: dict[str, Any], names: Iterable[str], prefix: str) -> list[str]:
         return [f"{prefix}{name} {old[name]} -> {new[name]}" for name in names
@@ -617,6 +618,26 @@ def run_differences(measured: CellResult, baseline: CellResult) -> list[str]:
     found += pairs(baseline.environment, measured.environment, _ENVIRONMENT_FIELDS, "")
     found += pairs(baseline.hardware.get("gpu") or {}, measured.hardware.get("gpu") or {}, _GPU_FIELDS, "gpu.")
     found += pairs(baseline.hardware, measured.hardware, _HOST_FIELDS, "")
+    return found + _telemetry_differences(baseline.details.get("gpu_telemetry") or {},
+                                          measured.details.get("gpu_telemetry") or {})
+
+
+def _telemetry_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How the GPU ran differently during the two runs' timed repeats (harness/measure/telemetry.py): clocks
+    more than 5 % apart at either edge, time held at a power or thermal cap, other clock-event reasons."""
+    found = []
+    for name in ("sm_clock_mhz", "memory_clock_mhz"):
+        edges = zip(old.get(name, ()), new.get(name, ()), strict=False)  # (start, end) of each run
+        if any(abs(b - a) > 0.05 * max(a, b) for a, b in edges):
+            found.append(f"gpu {name[:-4].replace('_', ' ')} {'/'.join(map(str, old[name]))} -> "
+                         f"{'/'.join(map(str, new[name]))} MHz at the timed repeats' edges")
+    for name in ("power_capped_ms", "thermal_capped_ms"):
+        if name in old and name in new and old[name] != new[name] and max(old[name], new[name]) > 0:
+            found.append(f"gpu {name} {old[name]:g} -> {new[name]:g}")
+    if "clock_event_reasons" in old and "clock_event_reasons" in new:
+        if set(old["clock_event_reasons"]) != set(new["clock_event_reasons"]):
+            found.append(f"gpu clock event reasons {', '.join(old['clock_event_reasons']) or 'none'} -> "
+                         f"{', '.join(new['clock_event_reasons']) or 'none'}")
     return found
 
 

@@ -37,6 +37,7 @@ from harness.measure import consistency
 from harness.measure.accuracy import perplexity
 from harness.measure.divergence import Collector, Comparer, Reference, reference_dir, reference_key
 from harness.measure.memory import track_memory
+from harness.measure.telemetry import gpu_telemetry
 from harness.measure.throughput import measure_generation, timed
 from harness.methods import MethodUnavailable, method_class
 from harness.models import ResolvedModel, eval_ids, ids_digest, prompt_ids, resolve, tokenizer_check
@@ -345,10 +346,12 @@ def _throughput(method: Any, model: Any, cell: CellResult, rows: list[list[int]]
     def generate(n: int, streamer: Any) -> None:
         method.generate(model, rows, n, streamer)
 
+    telemetry: dict[str, Any] = {}
     try:
         with track_memory(device, method.TORCH_DEVICE) as memory:
             timing = measure_generation(generate, _sync_device(method, device), len(rows), run.prompt_tokens,
-                                        run.new_tokens, run.warmup, run.repeats)
+                                        run.new_tokens, run.warmup, run.repeats,
+                                        around_repeats=lambda: gpu_telemetry(device, telemetry))
     except _out_of_memory(method) as exc:
         cell.error = f"out of memory at batch size {len(rows)}: {str(exc).splitlines()[0]}"
         log(cell.error)
@@ -366,6 +369,10 @@ def _throughput(method: Any, model: Any, cell: CellResult, rows: list[list[int]]
     cell.details["nvml_scope"] = memory.get("nvml_scope")
     cell.details["memory_protocol"] = memory["protocol"]
     cell.details["method"] = method.describe(model)
+    if telemetry:
+        if "energy_j" in telemetry:  # the timed repeats' energy, prefill included, per token they generated
+            telemetry["energy_j_per_token"] = telemetry["energy_j"] / (run.repeats * len(rows) * run.new_tokens)
+        cell.details["gpu_telemetry"] = telemetry
     decode = cell.figures["decode_tokens_per_s"]
     log(f"b{len(rows)}: decode {decode.value:.1f} tok/s (+-{100 * decode.relative_spread:.1f}%), "
         f"prefill {cell.figures['prefill_tokens_per_s'].value:.0f} tok/s")

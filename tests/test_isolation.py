@@ -14,6 +14,7 @@ def test_a_healthy_cell_returns_per_model_and_per_batch_results(tiny_job, worker
         assert figures["peak_rss_mib"].value > 0
         assert 0 < figures["peak_anon_rss_mib"].value < figures["peak_rss_mib"].value
         assert outcome.result(batch_size).details["memory_protocol"] == 1  # how the memory was read
+        assert "gpu_telemetry" not in outcome.result(batch_size).details  # a CPU cell: no GPU to read
 
 
 def test_a_crashing_cell_fails_with_the_signal(tiny_job, worker_env):

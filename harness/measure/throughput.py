@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,23 +76,29 @@ def measure_generation(
     new_tokens: int,
     warmup: int,
     repeats: int,
+    around_repeats: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> GenerationTiming:
-    """Time `generate(n, streamer)`, which must produce exactly n new tokens per row, as described above."""
+    """Time `generate(n, streamer)`, which must produce exactly n new tokens per row, as described above.
+
+    `around_repeats()` is entered after the warm-up and left after the last timed repeat (GPU telemetry).
+    """
     if new_tokens < 2:
         raise ValueError("decode throughput needs at least 2 new tokens")
     for _ in range(warmup):
         generate(new_tokens, None)
     first, decode = [], []
-    for _ in range(repeats):
-        streamer = TimingStreamer()
-        synchronize(device)
-        start = time.perf_counter()
-        generate(new_tokens, streamer)
-        synchronize(device)
-        stop = time.perf_counter()
-        # times[0]: the prompt, handed over before prefill; times[1]: the first new token on the host
-        if len(streamer.times) < new_tokens + 1:
-            raise RuntimeError(f"the streamer saw {len(streamer.times) - 1} new tokens, expected {new_tokens}")
-        first.append(streamer.times[1] - start)
-        decode.append(stop - streamer.times[1])
+    synchronize(device)
+    with around_repeats():
+        for _ in range(repeats):
+            streamer = TimingStreamer()
+            synchronize(device)
+            start = time.perf_counter()
+            generate(new_tokens, streamer)
+            synchronize(device)
+            stop = time.perf_counter()
+            # times[0]: the prompt, handed over before prefill; times[1]: the first new token on the host
+            if len(streamer.times) < new_tokens + 1:
+                raise RuntimeError(f"the streamer saw {len(streamer.times) - 1} new tokens, expected {new_tokens}")
+            first.append(streamer.times[1] - start)
+            decode.append(stop - streamer.times[1])
     return GenerationTiming(batch_size, prompt_tokens, new_tokens, tuple(first), tuple(decode))
