@@ -115,7 +115,10 @@ def test_processes_pool_every_process_into_the_baseline_and_a_one_process_gate_s
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["cell"] for r in records] == ["cpu:fp32|tiny"] * 2
     assert [r["results"][1]["figures"]["decode_tokens_per_s"]["n"] for r in records] == [3, 3]
-    gated = suite("-k", "test_decode")  # the matrix's one process against a two-process baseline
+    # the matrix's one process against a two-process baseline; what is checked is that they compare, so the
+    # speed tolerances are wide enough that a shared runner's stall cannot fail it
+    gated = suite("-k", "test_decode", "--tolerance", "decode_tokens_per_s=0.99",
+                  "--tolerance", "prefill_tokens_per_s=0.99")
     gated.assert_outcomes(passed=1)
     assert "measured differently" not in gated.stdout.str()
     suite("--processes", "0").stderr.fnmatch_lines(["*--processes: must be 1 or more, got 0*"])
