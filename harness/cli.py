@@ -1,6 +1,6 @@
 """Command line (`quantbench ...` or `python -m harness.cli ...`).
 
-compare, report, import-results, gate, keys, build-*.
+compare, report, import-results, gate, history, keys, build-*.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     gate.add_argument("--failures-only", action="store_true", help="print only what failed")
     gate.add_argument("--fail-unresolved", action="store_true",
                       help="fail a figure whose spreads are wider than its tolerance (as the pytest option)")
+    hist = sub.add_parser("history", help="every recording of one cell's figure in the git history of its "
+                          "baseline file, and how far apart they lie against their own spreads")
+    hist.add_argument("key", help="hardware key, e.g. nvidia-h200-140gb")
+    hist.add_argument("cell", help="cell id, e.g. 'fp16-compiled|llama-2-7b-arch|b1'")
+    hist.add_argument("--metric", default="decode_tokens_per_s", help="default: decode_tokens_per_s")
     bw = sub.add_parser("bandwidth", help="measure the GPU's memory bandwidth (device-to-device copy), the "
                         "ceiling of the report's roofline figures")
     bw.add_argument("--device", default=None, help="cuda or cpu (default: cuda when a GPU is visible)")
@@ -95,6 +100,21 @@ def main(argv: list[str] | None = None) -> int:
         if noisy:
             print(noisy)
         return 1 if failures else 0
+    elif args.command == "history":
+        from harness.baselines import BaselineError
+        from harness.history import HistoryError, describe, figure_history
+
+        parts = args.cell.split("|")
+        if len(parts) not in (2, 3) or not all(parts):
+            print(f"error: cell {args.cell!r}: expected METHOD|MODEL or METHOD|MODEL|bN", file=sys.stderr)
+            return 2
+        try:
+            recordings = figure_history(store.path(args.key, parts[1]), args.cell, args.metric)
+        except (BaselineError, HistoryError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(describe(recordings, args.cell, args.metric))
+        return 0 if recordings else 1
     elif args.command == "bandwidth":
         import json
 

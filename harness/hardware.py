@@ -198,15 +198,21 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-@functools.lru_cache(maxsize=1)
-def suite_revision() -> str | None:
-    """The git commit of this checkout (with `+dirty` when it has local changes), if it is a git checkout."""
-    root = Path(__file__).resolve().parent.parent
+@functools.lru_cache(maxsize=4)
+def suite_revision(root: Path | None = None) -> str | None:
+    """The git commit of this checkout (with `+dirty` when tracked files other than the baseline store have
+    local changes), if it is a git checkout.
+
+    The baseline store does not count: `--update-baselines` writes it while the run goes on, and every
+    (method, model) after the first would otherwise record `+dirty` for code that had not changed.
+    """
+    root = root or Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)baselines"], cwd=root, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")

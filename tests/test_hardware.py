@@ -101,3 +101,27 @@ def test_a_worker_pins_itself_to_its_share_and_names_a_bad_one():
     bad = _child_affinity("0,x")
     assert bad.returncode != 0 and "QUANTBENCH_CPUS='0,x'" in bad.stderr
     assert "QUANTBENCH_CPUS='100000'" in _child_affinity("100000").stderr
+
+
+def test_the_revision_is_dirty_for_changed_code_and_not_for_the_baseline_store_a_run_writes(tmp_path):
+    from harness.hardware import suite_revision
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=q", "-c", "user.email=q@example.org", *args],
+                       check=True, capture_output=True)
+
+    code, stored = tmp_path / "harness" / "x.py", tmp_path / "baselines" / "gpu-a" / "m.json"
+    for path, text in ((code, "a = 1\n"), (stored, "{}\n")):
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    clean = suite_revision(tmp_path)
+    assert clean and "+dirty" not in clean
+    stored.write_text('{"cells": {}}\n')  # what --update-baselines does while the run goes on
+    suite_revision.cache_clear()
+    assert suite_revision(tmp_path) == clean
+    code.write_text("a = 2\n")
+    suite_revision.cache_clear()
+    assert suite_revision(tmp_path) == clean + "+dirty"
