@@ -47,6 +47,17 @@ def nvml() -> Any | None:
         return None
 
 
+def nvml_handle() -> tuple[Any, Any] | None:
+    """The initialised NVML module and the handle of this process's first visible GPU, if there is one."""
+    lib = nvml()
+    if lib is None:
+        return None
+    try:
+        return lib, lib.nvmlDeviceGetHandleByIndex(physical_index(0))
+    except lib.NVMLError:
+        return None
+
+
 def gpu_info(index: int = 0) -> dict[str, Any] | None:
     """Name, memory, driver and compute capability of GPU `index` through NVML, without a CUDA context."""
     lib = nvml()

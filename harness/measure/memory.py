@@ -70,16 +70,12 @@ def nvml_reader() -> tuple[Any, str] | None:
     The scope is `process` when NVML lists this process (its own usage), else `device` (all usage on the
     GPU: inside containers NVML often cannot see the process's pid).
     """
-    from harness.hardware import nvml as nvml_library
-    from harness.hardware import physical_index
+    from harness.hardware import nvml_handle
 
-    nvml = nvml_library()
-    if nvml is None:
+    found = nvml_handle()
+    if found is None:
         return None
-    try:
-        handle = nvml.nvmlDeviceGetHandleByIndex(physical_index(0))
-    except nvml.NVMLError:
-        return None
+    nvml, handle = found
     pid = os.getpid()
 
     def process_usage() -> int:

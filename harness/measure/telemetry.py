@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from harness.hardware import nvml_handle
+
 # nvmlClocksEventReason* bits by the names nvidia-smi -q gives them. gpu_idle is left out: the GPU is idle
 # at the edges, where the reading is taken, by construction.
 CLOCK_EVENT_REASONS = {
@@ -70,20 +72,6 @@ def summarize(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     if "event_reasons" in before or "event_reasons" in after:
         out["clock_event_reasons"] = [name for bit, name in CLOCK_EVENT_REASONS.items() if reasons & bit]
     return out
-
-
-def nvml_handle() -> tuple[Any, Any] | None:
-    """The initialised NVML module and the handle of this process's first visible GPU, if there is one."""
-    from harness.hardware import nvml as nvml_library
-    from harness.hardware import physical_index
-
-    nvml = nvml_library()
-    if nvml is None:
-        return None
-    try:
-        return nvml, nvml.nvmlDeviceGetHandleByIndex(physical_index(0))
-    except nvml.NVMLError:
-        return None
 
 
 @contextmanager
