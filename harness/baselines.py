@@ -603,10 +603,10 @@ _ENVIRONMENT_FIELDS = ("quantbench_revision", "torch_cuda", "cudnn")
 def run_differences(measured: CellResult, baseline: CellResult) -> list[str]:
     """What differed between the run that recorded `baseline` and the one that measured `measured`.
 
-    Library versions, the suite's revision, CUDA, the driver, the host (CPU, CPU share, kernel) and how the
-    GPU ran during the timed repeats (clocks, throttling): not reasons to refuse a comparison (catching what
-    a release changes is the gate's point) but the first places to look when a figure moved. Fields that
-    one side did not record are left out.
+    Library versions, the suite's revision, CUDA, the driver, the GPU itself (its uuid), the host (CPU, CPU
+    share, kernel) and how the GPU ran during the timed repeats (clocks, throttling): not reasons to refuse
+    a comparison (catching what a release changes is the gate's point) but the first places to look when a
+    figure moved. Fields that one side did not record are left out.
     """
     def pairs(old: dict[str, Any], new: dict[str, Any], names: Iterable[str], prefix: str) -> list[str]:
         return [f"{prefix}{name} {old[name]} -> {new[name]}" for name in names
@@ -616,7 +616,11 @@ def run_differences(measured: CellResult, baseline: CellResult) -> list[str]:
     new_packages = measured.environment.get("packages") or {}
     found = pairs(old_packages, new_packages, sorted(old_packages), "")
     found += pairs(baseline.environment, measured.environment, _ENVIRONMENT_FIELDS, "")
-    found += pairs(baseline.hardware.get("gpu") or {}, measured.hardware.get("gpu") or {}, _GPU_FIELDS, "gpu.")
+    old_gpu, new_gpu = baseline.hardware.get("gpu") or {}, measured.hardware.get("gpu") or {}
+    found += pairs(old_gpu, new_gpu, _GPU_FIELDS, "gpu.")
+    if old_gpu.get("uuid") and new_gpu.get("uuid") and old_gpu["uuid"] != new_gpu["uuid"]:
+        # the same model of card but another one (often on another host); a uuid prefix tells them apart
+        found.append(f"another GPU (uuid {old_gpu['uuid'][:12]}... -> {new_gpu['uuid'][:12]}...)")
     found += pairs(baseline.hardware, measured.hardware, _HOST_FIELDS, "")
     return found + _telemetry_differences(baseline.details.get("gpu_telemetry") or {},
                                           measured.details.get("gpu_telemetry") or {})

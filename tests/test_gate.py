@@ -352,10 +352,12 @@ def test_only_the_figures_a_changed_memory_protocol_reads_are_stale() -> None:
 
 
 def test_run_differences_name_versions_driver_and_host_that_both_runs_recorded() -> None:
-    def run(torch: str, driver: str, cpus: int, extra: dict | None = None) -> CellResult:
+    def run(torch: str, driver: str, cpus: int, extra: dict | None = None,
+            uuid: str = "GPU-c37ffd22-ad69-d0c4-c4f7-dbe0905c201e") -> CellResult:
         return CellResult("fp16", "m", 1, environment={"packages": {"torch": torch, "gguf": None, **(extra or {})},
                                                        "quantbench_revision": "abc", "torch_cuda": "13.0"},
-                          hardware={"cpu": "Xeon", "cpu_count": cpus, "gpu": {"driver": driver, "name": "H200"}})
+                          hardware={"cpu": "Xeon", "cpu_count": cpus,
+                                    "gpu": {"driver": driver, "name": "H200", "uuid": uuid}})
 
     baseline = run("2.11.0", "580.1", 64)
     assert run_differences(run("2.11.0", "580.1", 64), baseline) == []
@@ -363,3 +365,7 @@ def test_run_differences_name_versions_driver_and_host_that_both_runs_recorded()
     assert run_differences(run("2.11.0", "580.1", 64, {"lm-eval": "0.4"}), baseline) == []
     assert run_differences(run("2.12.0", "590.2", 16), baseline) == [
         "torch 2.11.0 -> 2.12.0", "gpu.driver 580.1 -> 590.2", "cpu_count 64 -> 16"]
+    # the same model of card, but another card: the first place to look when a host-bound figure moved
+    assert run_differences(run("2.11.0", "580.1", 64, uuid="GPU-be79431d-799f-0a79-d1fe-60a2543bc9b7"), baseline) == [
+        "another GPU (uuid GPU-c37ffd22... -> GPU-be79431d...)"]
+    assert run_differences(run("2.11.0", "580.1", 64, uuid=""), baseline) == []  # one side did not record it
