@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.results import CellResult, pool
+from harness.results import CellResult, pool_results
 
 LOG_TAIL_CHARS = 4000
 STACK_DUMP_WAIT_S = 2  # a hung worker's time to write its stacks before it is killed
@@ -44,11 +44,7 @@ class Outcome:
     def pool(self, again: Outcome) -> None:
         """Pool each result's repeated figures with the same batch size's from `again`, another process's run
         of the same job; a result either run could not measure stays as this run has it."""
-        pooled = []
-        for result in self.results:
-            other = again.result(result.batch_size)
-            pooled.append(pool(result, other) if other is not None and not (result.error or other.error) else result)
-        self.results = pooled
+        self.results = pool_results(self.results, again.results)
         self.wall_s += again.wall_s
 
 

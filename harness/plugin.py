@@ -242,7 +242,7 @@ class QuantBench:
                 outcome = self._measure(cell, job, env)
                 self.jobs[cell.key] = (job, env)
             else:
-                self._write_results(cell, outcome)
+                self._write_results(cell, outcome, "prepare")
             if self.update and outcome.results:
                 try:
                     self.store.merge(self.hardware_key(cell.suite.device), outcome.results)
@@ -261,12 +261,12 @@ class QuantBench:
         """
         processes = job["run"]["processes"]
         outcome = run_isolated(job, cell.suite.run.cell_timeout_s, env)
-        self._write_results(cell, outcome)
+        self._write_results(cell, outcome, "process")
         for number in range(2, processes + 1):
             if outcome.status != "ok":
                 break
             again = run_isolated(job, cell.suite.run.cell_timeout_s, env)
-            self._write_results(cell, again)
+            self._write_results(cell, again, "process")
             if again.status != "ok":
                 return replace(again, reason=f"process {number} of {processes}: {again.reason}", results=[])
             outcome.pool(again)
@@ -324,18 +324,20 @@ class QuantBench:
             return False
         job, env = self.jobs[cell.key]
         again = run_isolated(job, cell.suite.run.cell_timeout_s, env)
-        self._write_results(cell, again)
+        self._write_results(cell, again, "recheck")
         if again.status != "ok":
             return False
         self.outcomes[cell.key].pool(again)
         self.recheck_reasons[cell.key] = reasons
         return True
 
-    def _write_results(self, cell: Cell, outcome: Outcome) -> None:
+    def _write_results(self, cell: Cell, outcome: Outcome, role: str) -> None:
+        """Append one process's outcome to the run's results file; `role` (prepare, process or recheck) lets
+        `quantbench gate` and `import-results` pool the records as this run did (harness/results.read_run)."""
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
         path = self.results_dir / f"{self.run_id}-{worker}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"schema_version": RESULTS_SCHEMA_VERSION, "cell": cell.key, "status": outcome.status,
+        record = {"schema_version": RESULTS_SCHEMA_VERSION, "cell": cell.key, "role": role, "status": outcome.status,
                   "reason": outcome.reason, "wall_s": outcome.wall_s,
                   "results": [r.to_dict() for r in outcome.results]}
         with open(path, "a", encoding="utf-8") as handle:

@@ -102,28 +102,25 @@ class CellResult:
         )
 
 
-def read_results(path: Path) -> list[CellResult]:
-    """The cell results of a run's results file (one JSON record per worker and line)."""
-    results = []
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's results file (one JSON object per measuring process and line), each with
+    its cell results parsed."""
+    records = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            results.extend(CellResult.from_dict(r) for r in record["results"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            records.append({**record, "line": number,
+                            "results": [CellResult.from_dict(r) for r in record["results"]]})
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}:{number}: not a quantbench results record ({exc})") from None
-    return results
+    return records
 
 
-def read_pooled_results(path: Path) -> list[CellResult]:
-    """The cell results of a run's results file, a cell measured by several processes of the run (its
-    `run.processes`, or --recheck) pooled into one result, in the order the cells first appear."""
-    cells: dict[tuple[Any, Any, str], CellResult] = {}
-    for result in read_results(path):
-        key = (result.hardware.get("hardware_key"), result.config.get("suite"), result.id)
-        cells[key] = pool(cells[key], result) if key in cells else result
-    return list(cells.values())
+def read_results(path: Path) -> list[CellResult]:
+    """Every cell result of a run's results file, as each process wrote it (nothing pooled)."""
+    return [result for record in _records(path) for result in record["results"]]
 
 
 def pool(first: CellResult, again: CellResult) -> CellResult:
@@ -138,6 +135,66 @@ def pool(first: CellResult, again: CellResult) -> CellResult:
     return replace(first, figures=figures, details={**first.details, "pooled_runs": runs})
 
 
+def pool_results(first: list[CellResult], again: list[CellResult]) -> list[CellResult]:
+    """Two processes' results of one (method, model), each batch size pooled with its own; a result that
+    either process could not measure (an error, or none) stays as the first has it."""
+    others = {result.batch_size: result for result in again}
+    pooled = []
+    for result in first:
+        other = others.get(result.batch_size)
+        pooled.append(pool(result, other) if other is not None and not (result.error or other.error) else result)
+    return pooled
+
+
+@dataclass
+class RunRead:
+    """A run's results file read as the run gated it: pooled results, and the failures no result carries."""
+
+    results: list[CellResult]
+    failures: list[str]
+
+
+def read_run(path: Path) -> RunRead:
+    """The results of a run's results file, pooled per (method, model) as the live run pooled them.
+
+    A cell's records come in the order the run wrote them (`role` says which each is; files written
+    before it existed are read by position): its `run.processes` measuring processes, then at most one
+    recheck (--recheck). As in the run, the processes' samples pool; a later process that failed fails the
+    cell, so each of its results carries that error (the first process's figures cannot pass for pooled
+    ones, and none becomes a baseline); a recheck pools when it succeeded and is left out when it failed;
+    a failed first process (or preparation) keeps what it measured and its failure is reported.
+    """
+    by_cell: dict[str, list[dict[str, Any]]] = {}
+    for record in _records(path):
+        by_cell.setdefault(str(record.get("cell") or f"line {record['line']}"), []).append(record)
+    results: list[CellResult] = []
+    failures: list[str] = []
+    for cell, records in by_cell.items():
+        processes = next((int(r.config.get("run", {}).get("processes") or 1)
+                          for record in records for r in record["results"]), 1)
+        first = records[0]
+        pooled: list[CellResult] = first["results"]
+        if first.get("status") not in ("ok", "skipped"):
+            failures.append(f"{cell}: the run failed: worker {first.get('status')}: {first.get('reason')}")
+        number = 1
+        for record in records[1:] if first.get("status") == "ok" else []:
+            role = record.get("role") or ("process" if number < processes else "recheck")
+            ok = record.get("status") == "ok"
+            if role == "process":
+                number += 1
+                if not ok:
+                    why = f"process {number} of {processes}: worker {record.get('status')}: {record.get('reason')}"
+                    pooled = [replace(r, error=r.error or why) for r in pooled]
+                    if not pooled:
+                        failures.append(f"{cell}: the run failed: {why}")
+                    break
+            elif not ok:
+                continue  # a failed recheck leaves the first figures to be gated, as in the run
+            pooled = pool_results(pooled, record["results"])
+        results.extend(pooled)
+    return RunRead(results, failures)
+
+
 def import_results(store: BaselineStore, paths: list[Path]) -> dict[Path, list[Path]]:
     """Merge results files into `store` under the hardware key each result was measured on.
 
@@ -145,7 +202,7 @@ def import_results(store: BaselineStore, paths: list[Path]) -> dict[Path, list[P
     """
     written: dict[Path, list[Path]] = {}
     for path in paths:
-        results = read_pooled_results(path)
+        results = read_run(path).results
         for result in results:
             if result.config.get("inject_decode_delay_ms"):
                 raise ValueError(f"{path}: {result.id} was slowed on purpose (inject_decode_delay_ms); "
@@ -188,7 +245,10 @@ def gate_results(
     checks: list[tuple[str, bool]] = []  # (metric, whether its spreads hid the tolerance) of every verdict
     tolerances: dict[str, Tolerances] = {}
     for path in paths:
-        for result in read_pooled_results(path):
+        run = read_run(path)
+        failures += len(run.failures)
+        lines.extend(f"FAIL {failure}" for failure in run.failures)
+        for result in run.results:
             key = result.hardware.get("hardware_key")
             if not key:
                 raise ValueError(f"{path}: {result.id} has no hardware.hardware_key")

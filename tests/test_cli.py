@@ -50,7 +50,7 @@ def test_import_results_pools_a_cell_that_several_processes_measured(tmp_path):
     results = tmp_path / "run.jsonl"
     with open(results, "w") as handle:  # one record per process, as `run.processes = 2` writes them
         for decode in (100.0, 130.0):
-            handle.write(json.dumps({"cell": "x", "status": "ok",
+            handle.write(json.dumps({"cell": "x", "role": "process", "status": "ok",
                                      "results": [cell("fp16", "gpu-a", decode).to_dict()]}) + "\n")
     assert main(["--baselines-dir", str(tmp_path / "bl"), "import-results", str(results)]) == 0
     stored = BaselineStore(tmp_path / "bl").load("gpu-a", "m")["fp16|m|b1"]
@@ -233,6 +233,62 @@ def test_gate_pools_a_cell_measured_twice_in_one_run(tmp_path, capsys):
     main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)])
     out = capsys.readouterr().out
     assert out.count("decode_tokens_per_s of fp16|m|b1") == 1 and "measured 55.5 tokens/s" in out  # median of all six
+
+
+def write_records(path, *records):
+    """A results file of (status, role, results) records of one cell, in the order a run writes them."""
+    path.write_text("".join(json.dumps({"cell": "cpu:fp16|m", "status": status, "reason": f"worker {status}",
+                                        **({"role": role} if role else {}),
+                                        "results": [r.to_dict() for r in results]}) + "\n"
+                            for status, role, results in records))
+
+
+def two_process_cell(decode):
+    result = gated_cell(decode)
+    result.figures["decode_tokens_per_s"] = Figure.of([decode - 1, decode, decode + 1])
+    result.config["run"] = {"processes": 2}
+    return result
+
+
+@pytest.mark.parametrize("role", ["process", None])  # None: a file written before records named their role
+def test_a_later_process_that_failed_fails_the_cell_offline_as_in_the_run(tmp_path, capsys, role):
+    """`run.processes = 2`: the second process crashed, so the first process's figures must not pass for
+    the pooled ones: the offline gate fails every result of the cell and import-results stores none."""
+    BaselineStore(tmp_path / "bl").merge("gpu-a", [gated_cell(100.0)])
+    results = tmp_path / "run.jsonl"
+    write_records(results, ("ok", role, [two_process_cell(100.0)]), ("crashed", role, []))
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 1
+    assert "FAIL fp16|m|b1: the run failed: process 2 of 2: worker crashed: worker crashed" in capsys.readouterr().out
+    assert main(["--baselines-dir", str(tmp_path / "new"), "import-results", str(results)]) == 0
+    assert not (tmp_path / "new").exists() or BaselineStore(tmp_path / "new").hardware_keys() == []
+
+
+def test_a_failed_recheck_is_left_out_and_a_good_one_pools(tmp_path, capsys):
+    """--recheck in a one-process run: the run gates the first figures when the recheck's worker failed (it
+    still fails on them), and the pooled figures when it succeeded; the offline gate reads the same."""
+    BaselineStore(tmp_path / "bl").merge("gpu-a", [gated_cell(100.0)])
+    results = tmp_path / "run.jsonl"
+    slow, again = gated_cell(40.0), gated_cell(100.0)
+    slow.figures["decode_tokens_per_s"] = Figure.of([39.0, 40.0, 41.0])
+    again.figures["decode_tokens_per_s"] = Figure.of([99.0, 100.0, 101.0])
+    write_records(results, ("ok", "process", [slow]), ("timeout", "recheck", [again]))
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 1
+    out = capsys.readouterr().out
+    assert "measured 40 tokens/s" in out and "the run failed" not in out
+    write_records(results, ("ok", None, [slow]), ("ok", None, [again]))  # the second record, by position a recheck
+    main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)])
+    assert "measured 70 tokens/s" in capsys.readouterr().out  # median of all six samples
+
+
+def test_a_worker_that_failed_before_measuring_fails_the_offline_gate(tmp_path, capsys):
+    """A preparation or first process that left no result still fails the replay, naming the cell and why;
+    a skipped cell does not."""
+    results = tmp_path / "run.jsonl"
+    write_records(results, ("error", "prepare", []))
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 1
+    assert "FAIL cpu:fp16|m: the run failed: worker error: worker error" in capsys.readouterr().out
+    write_records(results, ("skipped", "process", []))
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 0
 
 
 def test_bandwidth_write_stores_the_measurement_with_its_provenance(tmp_path, capsys):

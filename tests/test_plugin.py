@@ -146,7 +146,8 @@ def test_a_later_process_that_fails_fails_the_cell_without_the_earlier_figures(t
     assert (outcome.status, outcome.reason, outcome.results) == (
         "crashed", "process 3 of 3: killed by signal SIGSEGV", [])
     [results] = (tmp_path / "results").glob("*.jsonl")
-    assert [json.loads(line)["status"] for line in results.read_text().splitlines()] == ["ok", "ok", "crashed"]
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["role"], r["status"]) for r in records] == [("process", "ok"), ("process", "ok"), ("process", "crashed")]
 
     runs = iter([measured([10.0, 11.0]), measured([12.0, 13.0])])
     pooled = session._measure(cell, {"run": {"processes": 2}}, {})
@@ -161,7 +162,8 @@ def test_recheck_measures_a_regressed_cell_again_and_a_real_slowdown_still_fails
     slowed.stdout.re_match_lines([r".*decode_tokens_per_s of fp32\|tiny\|b1 regressed .* \(pooled over a recheck\)"])
     results = pytester.path / "results"
     last = sorted(results.glob("*.jsonl"))[-1]  # the gating run's (run ids sort by time; -main or -gwN)
-    assert [json.loads(line)["cell"] for line in last.read_text().splitlines()] == ["cpu:fp32|tiny"] * 2
+    assert [(json.loads(line)["cell"], json.loads(line)["role"]) for line in last.read_text().splitlines()] == [
+        ("cpu:fp32|tiny", "process"), ("cpu:fp32|tiny", "recheck")]
     summary = json.loads(sorted(results.glob("*-summary.json"))[-1].read_text())
     decode = next(r for r in summary["records"] if r["cell"] == "fp32|tiny|b1")
     assert decode["figures"]["decode_tokens_per_s"]["n"] == 6 and decode["rechecked"]
