@@ -254,13 +254,14 @@ class BaselineStore:
         """The stored baseline of `cell` on `hardware_key`, or None when it has none."""
         return self.load(hardware_key, cell.model).get(cell.id)
 
-    def merge(self, hardware_key: str, results: Iterable[CellResult]) -> list[Path]:
+    def merge(self, hardware_key: str, results: Iterable[CellResult], pool: bool = False) -> list[Path]:
         """Store `results` as the baselines of their cells on `hardware_key`; return the files written.
 
-        A stored cell is replaced whole; every other cell, model and hardware key is kept as it was.
-        Cells with an error are not stored (their figures are no baseline); callers find them by
-        `result.error`. Every file is read and checked before any is written, so an invalid file or
-        result raises BaselineError and leaves the disk as it was.
+        A stored cell is replaced whole, or with `pool` its repeated figures take the stored samples too
+        (`pool_with_baseline`); every other cell, model and hardware key is kept as it was. Cells with an
+        error are not stored (their figures are no baseline); callers find them by `result.error`. Every
+        file is read and checked before any is written, so an invalid file or result, or a stored cell that
+        cannot be pooled, raises BaselineError and leaves the disk as it was.
         """
         _check_slug(hardware_key, "hardware key")
         by_model: dict[str, dict[str, CellResult]] = {}
@@ -281,6 +282,9 @@ class BaselineStore:
                     schema_version=SCHEMA_VERSION, hardware_key=hardware_key, model=model, cells={}
                 )
                 for key, result in cells.items():
+                    if pool and key in document["cells"]:
+                        stored = CellResult.from_dict(dict(document["cells"][key]))
+                        result = pool_with_baseline(stored, result, path)
                     # a cell's recorded_at is when it was measured, also when its results file is imported
                     # later (the worker stamps details.measured_at; the store's check refuses a bad stamp by
                     # name), and the merge's time otherwise
@@ -310,6 +314,39 @@ class BaselineStore:
         except BaselineError as exc:
             raise BaselineError(f"{path}: {exc}; {_REGENERATE}") from None
         return _Reader(path, _REGENERATE).document(data, hardware_key, model)
+
+
+def _run_of(cell: CellResult) -> dict[str, Any]:
+    """What tells one recording of a cell from another, as `details.pooled_from` lists it."""
+    facts = {"measured_at": cell.details.get("measured_at"),
+             "quantbench_revision": cell.environment.get("quantbench_revision"),
+             "gpu_uuid": (cell.hardware.get("gpu") or {}).get("uuid"), "cpu": cell.hardware.get("cpu"),
+             "processes": cell.details.get("pooled_runs", 1)}
+    return {name: value for name, value in facts.items() if value is not None}
+
+
+def pool_with_baseline(baseline: CellResult, measured: CellResult, where: Path | str) -> CellResult:
+    """`measured` stored with the samples of `baseline` pooled into each figure that has repeats in both.
+
+    Baselines pooled over recordings on several machines of one hardware key (or several days of one)
+    carry the spread between them, which no single recording can measure (README: Processes). The pooled
+    cell keeps the new recording's single figures (memory, perplexity, load time) and provenance, and
+    `details.pooled_from` lists every recording pooled, oldest first. A baseline measured another way
+    (`provenance_mismatch`) cannot be pooled: BaselineError, naming the cell and the fields.
+    """
+    mismatch = provenance_mismatch(measured, baseline)
+    if mismatch:
+        raise BaselineError(f"{where}: cells[{measured.id!r}]: cannot pool with a baseline measured differently "
+                            f"({'; '.join(mismatch)}); store the run without pooling to replace it")
+    figures = dict(measured.figures)
+    for name, figure in measured.figures.items():
+        old = baseline.figures.get(name)
+        if old is not None and len(old.samples) > 1 and len(figure.samples) > 1:
+            figures[name] = Figure.of(old.samples + figure.samples)
+    runs = baseline.details.get("pooled_from") or [_run_of(baseline)]
+    details = {**measured.details, "pooled_from": [*runs, _run_of(measured)],
+               "pooled_runs": baseline.details.get("pooled_runs", 1) + measured.details.get("pooled_runs", 1)}
+    return replace(measured, figures=figures, details=details)
 
 
 def _stored_cell(path: Path, result: CellResult, recorded_at: str) -> CellDict:

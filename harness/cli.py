@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     imp = sub.add_parser("import-results", help="merge the figures of a run's results file (*.jsonl) into the "
                          "baselines of the hardware that produced them")
     imp.add_argument("results", nargs="+", type=Path)
+    imp.add_argument("--pool", action="store_true",
+                     help="pool each repeated figure's samples with the stored baseline's instead of replacing it "
+                          "(baselines that span several runners or days of one hardware key)")
     gate = sub.add_parser("gate", help="hold a run's results files (*.jsonl) against the baselines of the hardware "
                           "that produced them, offline; exit 1 on any regression")
     gate.add_argument("results", nargs="+", type=Path)
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         from harness.results import import_results
 
         try:
-            for path, written in import_results(store, args.results).items():
+            for path, written in import_results(store, args.results, pool=args.pool).items():
                 print(f"{path}: {len(written)} baseline file(s) updated: {', '.join(map(str, written))}")
         except (BaselineError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -57,6 +57,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--results-dir", default=None, help="where run results go (default: results/ under rootdir)")
     group.addoption("--update-baselines", action="store_true",
                     help="write this run's figures as the baselines of this hardware (other keys untouched)")
+    group.addoption("--pool-baselines", action="store_true",
+                    help="with --update-baselines: pool each repeated figure's samples with the stored "
+                         "baseline's instead of replacing it (baselines spanning several runners or days)")
     group.addoption("--strict-baselines", action="store_true", help="fail cells that have no baseline")
     group.addoption("--recheck", action="store_true",
                     help="measure a cell again when a figure with repeats regresses, and gate the pooled "
@@ -132,6 +135,10 @@ class QuantBench:
         self.results_dir = Path(option("--results-dir") or root / "results")
         self.update = option("--update-baselines")
         self.strict = option("--strict-baselines")
+        self.pool_baselines = option("--pool-baselines")
+        if self.pool_baselines and not self.update:
+            raise pytest.UsageError("--pool-baselines pools this run into the stored baselines: it needs "
+                                    "--update-baselines")
         self.fail_unresolved = option("--fail-unresolved")
         self.delay_ms = option("--inject-decode-delay-ms")
         self.processes = option("--processes")
@@ -245,7 +252,8 @@ class QuantBench:
                 self._write_results(cell, outcome, "prepare")
             if self.update and outcome.results:
                 try:
-                    self.store.merge(self.hardware_key(cell.suite.device), outcome.results)
+                    self.store.merge(self.hardware_key(cell.suite.device), outcome.results,
+                                     pool=self.pool_baselines)
                 except (BaselineError, ValueError) as exc:
                     # the figures are in the results file; the stored baselines stay as they were
                     outcome.status, outcome.reason = "error", f"baselines not updated: {exc}"

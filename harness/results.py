@@ -195,8 +195,9 @@ def read_run(path: Path) -> RunRead:
     return RunRead(results, failures)
 
 
-def import_results(store: BaselineStore, paths: list[Path]) -> dict[Path, list[Path]]:
-    """Merge results files into `store` under the hardware key each result was measured on.
+def import_results(store: BaselineStore, paths: list[Path], pool: bool = False) -> dict[Path, list[Path]]:
+    """Merge results files into `store` under the hardware key each result was measured on; with `pool`,
+    each repeated figure also keeps the stored baseline's samples (BaselineStore.merge).
 
     Results made slower on purpose (--inject-decode-delay-ms) are refused; cells with errors are skipped.
     """
@@ -213,7 +214,7 @@ def import_results(store: BaselineStore, paths: list[Path]) -> dict[Path, list[P
             if not key:
                 raise ValueError(f"{path}: {result.id} has no hardware.hardware_key")
             by_key.setdefault(key, []).append(result)
-        written[path] = [p for key, group in by_key.items() for p in store.merge(key, group)]
+        written[path] = [p for key, group in by_key.items() for p in store.merge(key, group, pool=pool)]
     return written
 
 

@@ -123,6 +123,47 @@ def test_merge_replaces_its_cells_and_keeps_every_other(store: BaselineStore) ->
     assert store.path(HW, "llama-2-7b-arch").read_bytes() == other_model
 
 
+def recording(decode: list[float], uuid: str, when: str, ppl: float = 7.25, stride: int = 32) -> CellResult:
+    """One machine's recording of the same cell: the same config, another card and time."""
+    cell = make_cell(ppl=ppl)
+    cell.figures["decode_tokens_per_s"] = Figure.of(decode)
+    cell.config = {**cell.config, "accuracy": {"stride": stride}}
+    cell.hardware = {"gpu": {"name": "NVIDIA H200", "uuid": uuid}, "cpu": "Xeon"}
+    cell.details = {"measured_at": when}
+    return cell
+
+
+def test_pooling_keeps_every_recordings_samples_and_names_each_recording(store: BaselineStore) -> None:
+    """Two machines of one key, 20 % apart, each with a tight spread: pooled, the baseline's spread counts
+    the difference between them, and a third recording adds to the list rather than starting it again."""
+    store.merge(HW, [recording([100.0, 101.0, 99.0], "GPU-aaaa", "2026-11-28T10:00:00+00:00")])
+    store.merge(HW, [recording([80.0, 81.0, 79.0], "GPU-bbbb", "2026-11-29T10:00:00+00:00", ppl=7.5)], pool=True)
+    pooled = store.load(HW, MODEL)[KEY]
+    decode = pooled.figures["decode_tokens_per_s"]
+    assert decode.n == 6 and decode.value == 90.0 and decode.relative_spread > 0.1
+    assert pooled.figures["ppl"].value == 7.5  # a single figure is the newest recording's
+    assert pooled.details["pooled_runs"] == 2 and pooled.details["measured_at"] == "2026-11-29T10:00:00+00:00"
+    assert [r["gpu_uuid"] for r in pooled.details["pooled_from"]] == ["GPU-aaaa", "GPU-bbbb"]
+    store.merge(HW, [recording([90.0, 91.0, 89.0], "GPU-cccc", "2026-11-30T10:00:00+00:00")], pool=True)
+    again = store.load(HW, MODEL)[KEY]
+    assert again.figures["decode_tokens_per_s"].n == 9 and again.details["pooled_runs"] == 3
+    assert [r["gpu_uuid"] for r in again.details["pooled_from"]] == ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]
+    store.merge(HW, [recording([50.0, 51.0, 49.0], "GPU-dddd", "2026-12-01T10:00:00+00:00")])  # no pool: replaced
+    assert store.load(HW, MODEL)[KEY].figures["decode_tokens_per_s"].n == 3
+
+
+def test_pooling_refuses_a_baseline_measured_differently_and_writes_nothing(store: BaselineStore) -> None:
+    store.merge(HW, [recording([100.0, 101.0, 99.0], "GPU-aaaa", "2026-11-28T10:00:00+00:00")])
+    before = store.path(HW, MODEL).read_bytes()
+    other = recording([80.0, 81.0, 79.0], "GPU-bbbb", "2026-11-29T10:00:00+00:00", stride=16)
+    with pytest.raises(BaselineError, match=r"tinyllama-1\.1b-arch\.json: cells\['fp16\|tinyllama-1\.1b-arch\|b1'\]: "
+                                            r"cannot pool with a baseline measured differently "
+                                            r"\(config\.accuracy\.stride: baseline 32, now 16\)"):
+        store.merge(HW, [other], pool=True)
+    assert store.path(HW, MODEL).read_bytes() == before
+    assert store.merge(HW, [make_cell(model="llama-2-7b-arch")], pool=True)  # nothing stored yet: stored as is
+
+
 def test_merge_never_touches_another_hardware_key(store: BaselineStore) -> None:
     other = BaselineStore(store.root)
     other.merge("nvidia-a100-80gb", [make_cell()])

@@ -59,6 +59,17 @@ def test_import_results_pools_a_cell_that_several_processes_measured(tmp_path):
     assert stored.details["pooled_runs"] == 2
 
 
+def test_import_results_pool_adds_the_run_to_the_stored_baseline(tmp_path):
+    results = tmp_path / "run.jsonl"
+    write_results(results, [cell("fp16", "gpu-a", 100.0)])
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "import-results", str(results)]) == 0
+    write_results(results, [cell("fp16", "gpu-a", 130.0)])  # another runner of the same key
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "import-results", "--pool", str(results)]) == 0
+    stored = BaselineStore(tmp_path / "bl").load("gpu-a", "m")["fp16|m|b1"]
+    assert stored.figures["decode_tokens_per_s"].n == 6 and stored.figures["decode_tokens_per_s"].value == 115.0
+    assert stored.details["pooled_runs"] == 2
+
+
 def test_import_results_refuses_a_slowed_run_and_writes_nothing(tmp_path, capsys):
     results = tmp_path / "run.jsonl"
     write_results(results, [cell("fp16", "gpu-a", 100.0, delay=5)])

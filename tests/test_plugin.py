@@ -124,6 +124,16 @@ def test_processes_pool_every_process_into_the_baseline_and_a_one_process_gate_s
     suite("--processes", "0").stderr.fnmatch_lines(["*--processes: must be 1 or more, got 0*"])
 
 
+def test_pool_baselines_adds_a_run_to_the_stored_baseline_instead_of_replacing_it(suite, pytester):
+    suite("--update-baselines", "-k", "test_decode").assert_outcomes(passed=1)
+    suite("--update-baselines", "--pool-baselines", "-k", "test_decode").assert_outcomes(passed=1)
+    [path] = baseline_files(pytester.path)
+    stored = json.loads(path.read_text())["cells"]["fp32|tiny|b1"]
+    assert stored["figures"]["decode_tokens_per_s"]["n"] == 6 and stored["details"]["pooled_runs"] == 2
+    assert len(stored["details"]["pooled_from"]) == 2
+    suite("--pool-baselines").stderr.fnmatch_lines(["*--pool-baselines * needs --update-baselines*"])
+
+
 def test_a_later_process_that_fails_fails_the_cell_without_the_earlier_figures(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
