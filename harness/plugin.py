@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -352,8 +353,13 @@ class QuantBench:
             handle.write(json.dumps(record) + "\n")
 
     # ---- the gate --------------------------------------------------------------------------------------
-    def check(self, request: pytest.FixtureRequest, ref: CellRef, metrics: list[str]) -> CellResult:
-        """Gate `metrics` of a cell against its baseline; skip or fail the test with the reason."""
+    def check(self, request: pytest.FixtureRequest, ref: CellRef, metrics: list[str],
+              measured: Callable[[CellResult], None] | None = None) -> CellResult:
+        """Gate `metrics` of a cell against its baseline; skip or fail the test with the reason.
+
+        `measured` receives the cell's result (pooled over a recheck where one ran) before the verdict,
+        so a figure that fails its gate still reaches pytest-benchmark's JSON, where a regression shows.
+        """
         outcome = self.outcome(ref.cell)
         if outcome.status == "skipped":
             pytest.skip(f"{ref.id}: {outcome.reason}")
@@ -375,12 +381,14 @@ class QuantBench:
             why = result.details.get("reference")
             pytest.skip(f"{ref.id}: {', '.join(metrics)} not measured"
                         + (f": {why}" if isinstance(why, str) else " for this method, device or suite"))
-        measured = replace(result, figures={m: result.figures[m] for m in wanted})
+        if measured is not None:
+            measured(result)
+        gated = replace(result, figures={m: result.figures[m] for m in wanted})
         record: dict[str, Any] = {"cell": ref.id, "suite": ref.cell.suite.name, "figures": {}, "status": "new"}
         key = self.hardware_key(ref.cell.suite.device)
         error = None
         try:
-            baseline = None if self.update else self.store.get(key, measured)
+            baseline = None if self.update else self.store.get(key, gated)
         except BaselineError as exc:
             error = str(exc)
         if error:
@@ -401,8 +409,8 @@ class QuantBench:
             if self.strict:
                 failures.append(message)
         else:
-            stale = stale_figures(measured, baseline)
-            verdicts = compare(measured, baseline, self.tolerances(ref.cell))
+            stale = stale_figures(gated, baseline)
+            verdicts = compare(gated, baseline, self.tolerances(ref.cell))
             if ref.cell.key in self.recheck_reasons:  # the pooled samples of both runs; the message says so
                 record["rechecked"] = self.recheck_reasons[ref.cell.key]
             missing = [m for m in wanted if m not in baseline.figures]
@@ -415,7 +423,7 @@ class QuantBench:
                                 else "unresolved" if noisy and self.fail_unresolved else "ok")
             if self.fail_unresolved:
                 failures.extend(unresolved_message(v) + pooled for v in noisy)
-            differences = run_differences(measured, baseline) if failures else []
+            differences = run_differences(gated, baseline) if failures else []
             if differences:
                 record["run_differences"] = differences
                 failures.append(f"{ref.id}: the baseline's run differed in: {', '.join(differences)}")
@@ -428,7 +436,7 @@ class QuantBench:
                     failures.append(f"{ref.id}: baseline has no {', '.join(missing)}; "
                                     "record them with --update-baselines")
         for name in wanted:  # the figures gated: pooled over a recheck where one ran
-            fig = measured.figures[name]
+            fig = gated.figures[name]
             record["figures"][name] = {"value": fig.value, "spread": fig.spread, "n": fig.n}
             request.node.user_properties.append((name, fig.value))
         for v in verdicts:  # relative figures against a zero baseline are unbounded: null in JSON

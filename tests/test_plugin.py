@@ -97,8 +97,13 @@ def test_record_then_gate_then_catch_a_slowdown(suite, pytester):
     stored["cells"]["fp32|tiny|b1"]["environment"]["packages"]["torch"] = "2.0.0"  # as if recorded on an older torch
     files[0].write_text(json.dumps(stored))
     before = files[0].read_bytes()
-    slowed = suite("--inject-decode-delay-ms", "150", "-k", "test_decode")
+    slowed = suite("--inject-decode-delay-ms", "150", "-k", "test_decode",
+                   "--benchmark-enable", "--benchmark-json", str(pytester.path / "bench.json"))
     slowed.assert_outcomes(failed=1)
+    # the regressed figure still reaches pytest-benchmark's JSON (its compare tooling sees the regression)
+    [bench] = json.loads((pytester.path / "bench.json").read_text())["benchmarks"]
+    assert bench["extra_info"]["cell"] == "fp32|tiny|b1" and bench["stats"]["rounds"] == 3
+    assert "was not used" not in slowed.stdout.str()
     slowed.stdout.re_match_lines([r".*decode_tokens_per_s of fp32\|tiny\|b1 regressed \d+\.\d% \(baseline .* "
                                   r"tokens/s, measured .* tokens/s; tolerance 50\.0%, noise .*\)",
                                   r".*fp32\|tiny\|b1: the baseline's run differed in: torch 2\.0\.0 -> \d.*"])
