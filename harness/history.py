@@ -2,8 +2,8 @@
 
 A figure's spread says how much its repeats varied inside one recording. Whether that is the noise a gate
 meets shows only across recordings (other processes, hosts and days): where recordings lie further apart
-than their spreads, a one-process gate fails on noise, and baselines want `--processes 2` or more, or a
-wider tolerance. `quantbench history KEY CELL` puts both side by side.
+than their spreads, a one-process gate fails on noise, and baselines want `--processes 2` or more, pooled
+recordings (`--pool-baselines`), or a wider tolerance. `quantbench history KEY CELL` puts both side by side.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class Recording:
     measured_at: str | None
     revision: str | None
     cpu_count: int | None
+    gpu: str | None = None  # the card's uuid, shortened: recordings on other cards of one key tell apart
+    runs: int = 1  # the processes (and pooled recordings) its samples came from
 
     @property
     def relative_spread(self) -> float:
@@ -56,9 +58,16 @@ def _recording(document: Any, cell: str, metric: str, commit: str, date: str) ->
         return Recording(commit, date, float(figure["value"]), float(figure.get("spread", 0.0)),
                          int(figure.get("n", 1)), (stored.get("details") or {}).get("measured_at"),
                          (stored.get("environment") or {}).get("quantbench_revision"),
-                         (stored.get("hardware") or {}).get("cpu_count"))
+                         (stored.get("hardware") or {}).get("cpu_count"),
+                         _short_uuid(((stored.get("hardware") or {}).get("gpu") or {}).get("uuid")),
+                         int((stored.get("details") or {}).get("pooled_runs", 1)))
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _short_uuid(uuid: Any) -> str | None:
+    """`GPU-c37ffd22-ad69-...` as `c37ffd22`, enough to tell the cards of one key apart."""
+    return str(uuid).removeprefix("GPU-")[:8] if uuid else None
 
 
 def figure_history(path: Path, cell: str, metric: str) -> list[Recording]:
@@ -98,10 +107,11 @@ def describe(recordings: list[Recording], cell: str, metric: str) -> str:
         return f"no recording of {metric} of {cell} in the history of its baseline file"
     lines = [f"{metric} of {cell}: {len(recordings)} recording(s)",
              f"{'commit':<15} {'date':<10} {'measured at':<25} {'value':>10} {'spread':>8} {'n':>3} "
-             f"{'revision':<18} cpus"]
+             f"{'runs':>4} {'revision':<18} {'gpu':<8} cpus"]
     for r in recordings:
         lines.append(f"{r.commit:<15} {r.date:<10} {r.measured_at or '-':<25} {r.value:>10.4g} "
-                     f"{100 * r.relative_spread:>7.1f}% {r.n:>3} {r.revision or '-':<18} {r.cpu_count or '-'}")
+                     f"{100 * r.relative_spread:>7.1f}% {r.n:>3} {r.runs:>4} {r.revision or '-':<18} "
+                     f"{r.gpu or '-':<8} {r.cpu_count or '-'}")
     if len(recordings) > 1:
         values = [r.value for r in recordings]
         middle = statistics.median(values)
@@ -111,6 +121,6 @@ def describe(recordings: list[Recording], cell: str, metric: str) -> str:
                      f"spread ±{100 * between:.1f}%; within a recording: median spread ±{100 * within:.1f}%")
         if within and between > 2 * within:
             lines.append(f"the recordings lie {between / within:.1f}x further apart than their own spreads: a "
-                         "gate of one process can fail on that alone; record with --processes 2 or more, or "
-                         "widen this metric's tolerance")
+                         "gate of one process can fail on that alone; record with --processes 2 or more, pool "
+                         "recordings of several machines (--pool-baselines), or widen this metric's tolerance")
     return "\n".join(lines)
