@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypedDict
 
 from harness.cache import atomic_write_text, file_lock
+from harness.hardware import short_uuid
 from harness.measure.memory import MEMORY_PROTOCOL_DEFAULT, PROTOCOL_METRICS
 from harness.metrics import METRICS
 from harness.metrics import metric as metric_spec
-from harness.results import CellResult, Figure, cell_id
+from harness.results import CellResult, Figure, cell_id, pool
 
 SCHEMA_VERSION = 1
 
@@ -338,15 +339,9 @@ def pool_with_baseline(baseline: CellResult, measured: CellResult, where: Path |
     if mismatch:
         raise BaselineError(f"{where}: cells[{measured.id!r}]: cannot pool with a baseline measured differently "
                             f"({'; '.join(mismatch)}); store the run without pooling to replace it")
-    figures = dict(measured.figures)
-    for name, figure in measured.figures.items():
-        old = baseline.figures.get(name)
-        if old is not None and len(old.samples) > 1 and len(figure.samples) > 1:
-            figures[name] = Figure.of(old.samples + figure.samples)
+    pooled = pool(measured, baseline)
     runs = baseline.details.get("pooled_from") or [_run_of(baseline)]
-    details = {**measured.details, "pooled_from": [*runs, _run_of(measured)],
-               "pooled_runs": baseline.details.get("pooled_runs", 1) + measured.details.get("pooled_runs", 1)}
-    return replace(measured, figures=figures, details=details)
+    return replace(pooled, details={**pooled.details, "pooled_from": [*runs, _run_of(measured)]})
 
 
 def _stored_cell(path: Path, result: CellResult, recorded_at: str) -> CellDict:
@@ -655,9 +650,10 @@ def run_differences(measured: CellResult, baseline: CellResult) -> list[str]:
     found += pairs(baseline.environment, measured.environment, _ENVIRONMENT_FIELDS, "")
     old_gpu, new_gpu = baseline.hardware.get("gpu") or {}, measured.hardware.get("gpu") or {}
     found += pairs(old_gpu, new_gpu, _GPU_FIELDS, "gpu.")
-    if old_gpu.get("uuid") and new_gpu.get("uuid") and old_gpu["uuid"] != new_gpu["uuid"]:
-        # the same model of card but another one (often on another host); a uuid prefix tells them apart
-        found.append(f"another GPU (uuid {old_gpu['uuid'][:12]}... -> {new_gpu['uuid'][:12]}...)")
+    old_card, new_card = short_uuid(old_gpu.get("uuid")), short_uuid(new_gpu.get("uuid"))
+    if old_card and new_card and old_gpu["uuid"] != new_gpu["uuid"]:
+        # the same model of card but another one (often on another host)
+        found.append(f"another GPU (uuid GPU-{old_card}... -> GPU-{new_card}...)")
     found += pairs(baseline.hardware, measured.hardware, _HOST_FIELDS, "")
     return found + _telemetry_differences(baseline.details.get("gpu_telemetry") or {},
                                           measured.details.get("gpu_telemetry") or {})

@@ -58,6 +58,11 @@ def nvml_handle() -> tuple[Any, Any] | None:
         return None
 
 
+def short_uuid(uuid: Any) -> str | None:
+    """`GPU-c37ffd22-ad69-...` as `c37ffd22`: enough to tell the cards of one hardware key apart."""
+    return str(uuid).removeprefix("GPU-")[:8] if uuid else None
+
+
 def gpu_info(index: int = 0) -> dict[str, Any] | None:
     """Name, memory, driver and compute capability of GPU `index` through NVML, without a CUDA context."""
     lib = nvml()

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.hardware import short_uuid
+from harness.results import CellResult
+
 
 class HistoryError(Exception):
     """The history cannot be read (no git, not a git checkout, an unknown cell)."""
@@ -53,21 +56,14 @@ def _git(folder: Path, *args: str) -> str:
 def _recording(document: Any, cell: str, metric: str, commit: str, date: str) -> Recording | None:
     """The figure as one version of the baseline file holds it (None: not there, or not readable)."""
     try:
-        stored = document["cells"][cell]
-        figure = stored["figures"][metric]
-        return Recording(commit, date, float(figure["value"]), float(figure.get("spread", 0.0)),
-                         int(figure.get("n", 1)), (stored.get("details") or {}).get("measured_at"),
-                         (stored.get("environment") or {}).get("quantbench_revision"),
-                         (stored.get("hardware") or {}).get("cpu_count"),
-                         _short_uuid(((stored.get("hardware") or {}).get("gpu") or {}).get("uuid")),
-                         int((stored.get("details") or {}).get("pooled_runs", 1)))
-    except (KeyError, TypeError, ValueError):
+        stored = CellResult.from_dict(document["cells"][cell])
+        figure = stored.figures[metric]
+        return Recording(commit, date, figure.value, figure.spread, figure.n, stored.details.get("measured_at"),
+                         stored.environment.get("quantbench_revision"), stored.hardware.get("cpu_count"),
+                         short_uuid((stored.hardware.get("gpu") or {}).get("uuid")),
+                         int(stored.details.get("pooled_runs", 1)))
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
-
-
-def _short_uuid(uuid: Any) -> str | None:
-    """`GPU-c37ffd22-ad69-...` as `c37ffd22`, enough to tell the cards of one key apart."""
-    return str(uuid).removeprefix("GPU-")[:8] if uuid else None
 
 
 def figure_history(path: Path, cell: str, metric: str) -> list[Recording]:

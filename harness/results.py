@@ -125,13 +125,14 @@ def read_results(path: Path) -> list[CellResult]:
 
 def pool(first: CellResult, again: CellResult) -> CellResult:
     """One cell measured twice: each figure with repeats in both runs becomes the median and spread of all
-    their samples; a figure measured once (perplexity, load time) keeps the first run's value."""
+    their samples; a figure measured once (perplexity, load time) keeps the first run's value, and
+    `details.pooled_runs` counts the processes behind both."""
     figures = dict(first.figures)
     for name, figure in first.figures.items():
         other = again.figures.get(name)
         if other is not None and len(figure.samples) > 1 and len(other.samples) > 1:
             figures[name] = Figure.of(figure.samples + other.samples)
-    runs = first.details.get("pooled_runs", 1) + 1
+    runs = first.details.get("pooled_runs", 1) + again.details.get("pooled_runs", 1)
     return replace(first, figures=figures, details={**first.details, "pooled_runs": runs})
 
 
