@@ -14,9 +14,10 @@ def test_prefill(quantbench, request, qb_cell):
 
 
 def test_decode(quantbench, request, qb_cell, benchmark):
-    """Decode throughput: exactly new_tokens per row, EOS ignored; pytest-benchmark gets each repeat."""
+    """End-to-end decode throughput of generate() (exactly new_tokens per row, EOS ignored), what users see,
+    and the host's share of a step beside the device's; pytest-benchmark gets each repeat."""
     # pytest-benchmark gets the timings before the gate's verdict: a regressed cell shows in its JSON too
-    quantbench.check(request, qb_cell, ["decode_tokens_per_s"],
+    quantbench.check(request, qb_cell, ["decode_tokens_per_s", "host_overhead_ms_per_token"],
                      measured=lambda result: record_benchmark(benchmark, result))
 
 
@@ -54,3 +55,14 @@ def test_batch_consistency(quantbench, qb_model_cell):
 def test_task_accuracy(quantbench, request, qb_model_cell):
     """lm-eval task metrics on the loaded model (run with `-m "<suite> and eval"`; needs the 'eval' extra)."""
     quantbench.check_tasks(request, qb_model_cell)
+
+
+def test_device_decode(quantbench, request, qb_cell):
+    """Device time of a decode step (CUDA events around captured-graph replays, or the kernels' own
+    durations), and the kernels the step launches (exact)."""
+    quantbench.check(request, qb_cell, ["decode_device_tokens_per_s", "decode_kernels_per_step"])
+
+
+def test_device_prefill(quantbench, request, qb_cell):
+    """Device time of the prefill forward, timed as the decode step is."""
+    quantbench.check(request, qb_cell, ["prefill_device_tokens_per_s"])

@@ -24,7 +24,7 @@ from typing import Any, NoReturn, Protocol, TypedDict
 from harness.cache import atomic_write_text, file_lock
 from harness.hardware import short_uuid
 from harness.measure.memory import MEMORY_PROTOCOL_DEFAULT, PROTOCOL_METRICS
-from harness.metrics import METRICS
+from harness.metrics import DEVICE_METRICS, METRICS
 from harness.metrics import metric as metric_spec
 from harness.results import CellResult, Figure, cell_id, pool
 
@@ -488,7 +488,9 @@ class Verdict:
         else:  # no relative change from zero: say how far, in the metric's unit
             amount = f"by {_number(abs(self.measured - self.baseline))}{suffix}"
             noise = f"{_number(self.noise_abs)}{suffix}"
-        if self.regressed:
+        if self.regressed and self.metric in METRICS and METRICS[self.metric].exact:
+            outcome = "changed (an exact figure: any change fails)"
+        elif self.regressed:
             outcome = f"regressed {amount}"
         elif self.change < 0:
             outcome = f"improved {amount}"
@@ -546,6 +548,8 @@ class RelativeNoiseAwareRule:
             relative_noise = math.inf if noise else 0.0
         regressed = change > tolerance and abs(worse_by) > noise
         resolved = spread_noise <= tolerance * scale
+        if spec.exact:  # a deterministic count: any change either way is one
+            regressed, resolved = measured.value != baseline.value, True
         return Verdict(cell_id, metric, baseline.value, measured.value, change, tolerance, relative_noise,
                        regressed, resolved, noise)
 
@@ -616,14 +620,39 @@ def stale_figures(measured: CellResult, baseline: CellResult) -> dict[str, str]:
     """The figures of `baseline` that were read another way than `measured`'s, each with why.
 
     A change of the memory tracker (`details.memory_protocol`, none recorded: 1) makes the figures it reads
-    incomparable, and only those: the cell's speeds and accuracy still gate.
+    incomparable, and only those: the cell's speeds and accuracy still gate. Device figures read under
+    another device-timing protocol or another way (a captured graph against kernels' own durations, after a
+    failed capture) are stale the same way.
     """
+    stale: dict[str, str] = {}
     old, new = (cell.details.get("memory_protocol", MEMORY_PROTOCOL_DEFAULT) for cell in (baseline, measured))
-    if old == new:
-        return {}
-    why = (f"details.memory_protocol: baseline {old}, now {new}; harness/measure/memory.py says how each "
-           "protocol reads memory")
-    return {m: why for m in PROTOCOL_METRICS if m in measured.figures and m in baseline.figures}
+    if old != new:
+        why = (f"details.memory_protocol: baseline {old}, now {new}; harness/measure/memory.py says how each "
+               "protocol reads memory")
+        stale.update({m: why for m in PROTOCOL_METRICS if m in measured.figures and m in baseline.figures})
+    old_device, new_device = (cell.details.get("device_timing") or {} for cell in (baseline, measured))
+    for name in ("protocol", "how"):
+        if old_device.get(name) != new_device.get(name):
+            why = (f"details.device_timing.{name}: baseline {old_device.get(name)}, now {new_device.get(name)}; "
+                   "harness/measure/device.py says how each reads device time")
+            stale.update({m: why for m in DEVICE_METRICS if m in measured.figures and m in baseline.figures})
+            break
+    return stale
+
+
+def kernel_changes(measured: CellResult, baseline: CellResult) -> str | None:
+    """The kernels a decode step launches that differ from its baseline's (added and gone), or None.
+
+    The set of kernel names of one profiled step is deterministic for the same libraries and GPU: a change
+    means another kernel ran (a silent fallback, another cuBLAS heuristic), which speed alone may not show.
+    """
+    old = (baseline.details.get("device_timing") or {}).get("kernel_names")
+    new = (measured.details.get("device_timing") or {}).get("kernel_names")
+    if not old or not new or set(old) == set(new):
+        return None
+    added, gone = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    parts = ([f"new: {', '.join(added)}"] if added else []) + ([f"gone: {', '.join(gone)}"] if gone else [])
+    return f"the decode step's kernels of {measured.id} changed ({'; '.join(parts)})"
 
 
 # Facts of the run (not of the config) that often explain a change: where a regression's message looks first.

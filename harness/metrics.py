@@ -20,6 +20,7 @@ class MetricSpec:
     tolerance: float
     help: str
     floor: float = 0.0  # changes smaller than this (in the metric's unit) are below what one measurement resolves
+    exact: bool = False  # a count that is deterministic: any change either way fails (tolerance unused)
 
 
 TASK_PREFIX = "task:"  # lm-eval figures: task:<task>:<metric>, e.g. task:quantbench_word_order:acc
@@ -52,6 +53,18 @@ METRICS: dict[str, MetricSpec] = _Metrics({
         MetricSpec("decode_tokens_per_s", "tokens/s", True, 0.05,
                    "batch x (new tokens - 1) over the time from the first new token to the last"),
         MetricSpec("ttft_ms", "ms", False, 0.10, "from the generate() call to the first new token on the host"),
+        # device time (harness/measure/device.py): what the kernels cost, without the host's loop; between
+        # processes and cards of one GPU model it moves by tenths of a percent where generate() moves 15-25 %
+        MetricSpec("decode_device_tokens_per_s", "tokens/s", True, 0.02,
+                   "batch x steps over the device time of a burst of captured decode steps (CUDA events)"),
+        MetricSpec("prefill_device_tokens_per_s", "tokens/s", True, 0.02,
+                   "batch x prompt tokens over the device time of the captured prefill forward"),
+        MetricSpec("decode_kernels_per_step", "kernels", False, 0.0,
+                   "kernels one decode step launches (one profiled step); a fallback kernel changes it", exact=True),
+        # generate()'s decode step less the device's: the host's share, which a transformers release can move
+        MetricSpec("host_overhead_ms_per_token", "ms", False, 0.50,
+                   "generate()'s time per decode step (one new token per row) minus the device's step time",
+                   floor=0.05),
         MetricSpec("peak_vram_mib", "MiB", False, 0.05,
                    "torch max allocated on the device while the batch ran (weights, KV cache, activations)"),
         MetricSpec("peak_nvml_mib", "MiB", False, 0.05,
@@ -81,6 +94,11 @@ METRICS: dict[str, MetricSpec] = _Metrics({
                    "share of positions where method and reference pick the same top token"),
     )
 })
+
+
+# the figures harness/measure/device.py makes: read under one device-timing protocol (harness/baselines.py)
+DEVICE_METRICS = ("decode_device_tokens_per_s", "prefill_device_tokens_per_s", "decode_kernels_per_step",
+                  "host_overhead_ms_per_token")
 
 
 def metric(name: str) -> MetricSpec:

@@ -23,6 +23,7 @@ from harness.baselines import (
     BaselineStore,
     Tolerances,
     compare,
+    kernel_changes,
     provenance_mismatch,
     regressions,
     resolution_summary,
@@ -35,7 +36,7 @@ from harness.config import Cell, Matrix, MatrixError, load_matrix
 from harness.hardware import cpu_share_env, gpu_info, hardware_key, worker_cpu_share, worker_gpu_env
 from harness.isolation import Outcome, run_isolated
 from harness.methods import BACKENDS, Method, method_class
-from harness.metrics import TASK_PREFIX
+from harness.metrics import DEVICE_METRICS, TASK_PREFIX
 from harness.results import CellResult, cell_id
 
 RESULTS_SCHEMA_VERSION = 1
@@ -79,6 +80,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="under pytest-xdist, let every worker's cells use all CPUs (default: a slice each)")
     group.addoption("--inject-decode-delay-ms", type=float, default=0.0,
                     help="TESTING THE GATE ONLY: sleep this long per generated token inside the timed region")
+    group.addoption("--inject-device-slowdown", type=float, default=0.0, metavar="FRACTION",
+                    help="TESTING THE GATE ONLY: a spin kernel inside every captured decode step, FRACTION of "
+                         "the step's measured device time long (0.03: 3 %% slower)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -145,9 +149,12 @@ class QuantBench:
         self.processes = option("--processes")
         if self.processes is not None and self.processes < 1:
             raise pytest.UsageError(f"--processes: must be 1 or more, got {self.processes}")
-        if self.update and self.delay_ms:
-            raise pytest.UsageError("--inject-decode-delay-ms makes cells slower on purpose; "
-                                    "it cannot be combined with --update-baselines")
+        self.device_slowdown = option("--inject-device-slowdown")
+        if not 0 <= self.device_slowdown < 1:
+            raise pytest.UsageError(f"--inject-device-slowdown: a fraction in [0, 1), got {self.device_slowdown}")
+        if self.update and (self.delay_ms or self.device_slowdown):
+            raise pytest.UsageError("--inject-decode-delay-ms and --inject-device-slowdown make cells slower on "
+                                    "purpose; they cannot be combined with --update-baselines")
         self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         self.outcomes: dict[str, Outcome] = {}
         self.recheck_enabled = option("--recheck") and not self.update
@@ -226,6 +233,7 @@ class QuantBench:
                 "run": {**cell.suite.run.__dict__, "processes": self.processes or cell.suite.run.processes},
                 "accuracy": cell.suite.accuracy.__dict__,
                 "inject_decode_delay_ms": self.delay_ms,
+                "inject_device_slowdown": self.device_slowdown,
             }
             reference = self.matrix().methods.get(cell.suite.reference or "")
             if reference is not None:
@@ -371,6 +379,11 @@ class QuantBench:
         if result.error:
             pytest.fail(f"{ref.id}: {result.error}", pytrace=False)
         wanted = [m for m in metrics if m in result.figures]
+        device = result.details.get("device_timing") or {}
+        if "error" in device and set(metrics) & set(DEVICE_METRICS):
+            pytest.fail(f"{ref.id}: the device timer failed: {device['error']}", pytrace=False)
+        if not wanted and "unavailable" in device and set(metrics) <= set(DEVICE_METRICS):
+            pytest.skip(f"{ref.id}: no device figures: {device['unavailable']}")
         if not wanted:
             quantization = result.details.get("quantization") or {}
             if any(m.startswith("quantize_") for m in metrics) and quantization.get("checkpoint"):
@@ -416,6 +429,9 @@ class QuantBench:
             missing = [m for m in wanted if m not in baseline.figures]
             pooled = " (pooled over a recheck)" if "rechecked" in record else ""
             failures.extend(v.message + pooled for v in regressions(verdicts))
+            kernels = kernel_changes(gated, baseline) if "decode_kernels_per_step" in wanted else None
+            if kernels:
+                failures.append(kernels)
             noisy = unresolved(verdicts)
             if noisy:
                 record["unresolved"] = [v.metric for v in noisy]

@@ -206,8 +206,9 @@ def import_results(store: BaselineStore, paths: list[Path], pool: bool = False) 
     for path in paths:
         results = read_run(path).results
         for result in results:
-            if result.config.get("inject_decode_delay_ms"):
-                raise ValueError(f"{path}: {result.id} was slowed on purpose (inject_decode_delay_ms); "
+            if result.config.get("inject_decode_delay_ms") or result.config.get("inject_device_slowdown"):
+                raise ValueError(f"{path}: {result.id} was slowed on purpose (inject_decode_delay_ms or "
+                                 "inject_device_slowdown); "
                                  "it cannot become a baseline")
         by_key: dict[str, list[CellResult]] = {}
         for result in results:
@@ -235,6 +236,7 @@ def gate_results(
     from harness.baselines import (
         Tolerances,
         compare,
+        kernel_changes,
         provenance_mismatch,
         resolution_summary,
         run_differences,
@@ -296,4 +298,12 @@ def gate_results(
                     lines.append(f"FAIL {unresolved_message(verdict)}{differed}")
                 else:
                     lines.append(f"noisy {verdict.message}")
+            kernels = kernel_changes(result, baseline)
+            if kernels:
+                failures += 1
+                lines.append(f"FAIL {kernels}{differed}")
+            device_error = (result.details.get("device_timing") or {}).get("error")
+            if device_error:
+                failures += 1
+                lines.append(f"FAIL {result.id}: the device timer failed: {device_error}")
     return lines, failures, resolution_summary(checks)

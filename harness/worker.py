@@ -202,6 +202,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
             "run": job["run"],
             "accuracy": job["accuracy"],
             "inject_decode_delay_ms": job.get("inject_decode_delay_ms", 0),
+            "inject_device_slowdown": job.get("inject_device_slowdown", 0),
         },
         "environment": environment(),
         "hardware": machine_info(device),
@@ -226,7 +227,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         rows = all_ids[:batch_size]
         cell = CellResult(batch_size=batch_size, details={"prompt_ids_digest": ids_digest(rows),
                                                           "synthetic": resolved.synthetic}, **base)
-        _throughput(method, model, cell, rows, run, device)
+        _throughput(method, model, cell, rows, run, device, float(job.get("inject_device_slowdown", 0)))
         out.add(cell)
     out.finish("ok")
 
@@ -340,7 +341,7 @@ def _consistency(method: Any, model: Any, all_ids: list[list[int]], run: RunConf
 
 
 def _throughput(method: Any, model: Any, cell: CellResult, rows: list[list[int]], run: RunConfig,
-                device: str) -> None:
+                device: str, inject_fraction: float = 0.0) -> None:
     """Time generation at one batch size and track its memory; out-of-memory becomes the cell's error."""
 
     def generate(n: int, streamer: Any) -> None:
@@ -376,6 +377,41 @@ def _throughput(method: Any, model: Any, cell: CellResult, rows: list[list[int]]
     decode = cell.figures["decode_tokens_per_s"]
     log(f"b{len(rows)}: decode {decode.value:.1f} tok/s (+-{100 * decode.relative_spread:.1f}%), "
         f"prefill {cell.figures['prefill_tokens_per_s'].value:.0f} tok/s")
+    if cell.error is None:
+        _device_timing(method, model, cell, rows, run, device, timing.decode_s, inject_fraction)
+
+
+def _device_timing(method: Any, model: Any, cell: CellResult, rows: list[list[int]], run: RunConfig, device: str,
+                   decode_s: tuple[float, ...], inject_fraction: float) -> None:
+    """Device figures of one batch size (harness/measure/device.py), after and outside the memory-tracked and
+    telemetry-watched repeats; why not, in the cell's details, where the method or device has none."""
+    why = method.device_timing_unavailable() if device == "cuda" else \
+        "on a CPU the device is the host: the cell's speeds are its generate() figures"
+    if why:
+        cell.details["device_timing"] = {"unavailable": why}
+        return
+    from harness.measure.device import measure_device
+
+    try:
+        timing, generated = measure_device(model, rows, run.new_tokens - 1, method.compiled, cuda=True,
+                                           capturable=method.capture_blocker(), inject_fraction=inject_fraction)
+    except _out_of_memory(method) as exc:
+        cell.details["device_timing"] = {"unavailable": f"out of memory: {str(exc).splitlines()[0]}"}
+        del exc
+        _release_cached_memory()
+        return
+    except Exception as exc:  # the device timer failed on this method: its tests fail with this, never skip
+        cell.details["device_timing"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+        log(f"device timing failed: {cell.details['device_timing']['error']}")
+        traceback.print_exc()
+        _release_cached_memory()
+        return
+    cell.figures.update(timing.figures(decode_s, run.new_tokens - 1))
+    cell.details["device_timing"] = {**timing.details(), "generated_ids_digest": ids_digest(generated)}
+    _release_cached_memory()
+    log(f"b{len(rows)}: device decode {cell.figures['decode_device_tokens_per_s'].value:.1f} tok/s "
+        f"(+-{100 * cell.figures['decode_device_tokens_per_s'].relative_spread:.2f}%, {timing.how.value}), "
+        f"{timing.kernels_per_step} kernels a step")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,8 @@ from harness.results import CellResult, Figure
 CELL = "bnb-nf4|llama-2-7b-arch|b8"
 HIGHER_IS_BETTER = sorted(name for name, spec in METRICS.items() if spec.higher_is_better)
 LOWER_IS_BETTER = sorted(name for name, spec in METRICS.items() if not spec.higher_is_better)
+RELATIVE = sorted(name for name, spec in METRICS.items() if not spec.exact)  # held to a relative tolerance
+EXACT = sorted(name for name, spec in METRICS.items() if spec.exact)
 
 values = st.floats(min_value=1e-3, max_value=1e6)
 spreads = st.floats(min_value=0.0, max_value=1e3)
@@ -51,7 +53,7 @@ def check(metric: str, baseline: Figure, measured: Figure, tolerance: float,
     return RelativeNoiseAwareRule(noise_sigmas).check(CELL, metric, baseline, measured, tolerance)
 
 
-@pytest.mark.parametrize("metric", sorted(METRICS))
+@pytest.mark.parametrize("metric", RELATIVE)
 @given(value=values, fraction=st.floats(min_value=0.0, max_value=0.99), spread_b=spreads, spread_m=spreads,
        tolerance=tolerances, noise_sigmas=sigmas)
 def test_improvements_never_regress(metric: str, value: float, fraction: float, spread_b: float,
@@ -62,7 +64,7 @@ def test_improvements_never_regress(metric: str, value: float, fraction: float, 
     assert verdict.change <= 0
 
 
-@pytest.mark.parametrize("metric", sorted(METRICS))
+@pytest.mark.parametrize("metric", RELATIVE)
 @given(value=values, share=st.floats(min_value=0.0, max_value=0.999), spread_b=spreads, spread_m=spreads,
        tolerance=tolerances, noise_sigmas=sigmas)
 def test_a_worsening_within_tolerance_never_regresses(metric: str, value: float, share: float,
@@ -74,7 +76,7 @@ def test_a_worsening_within_tolerance_never_regresses(metric: str, value: float,
     assert not verdict.regressed
 
 
-@pytest.mark.parametrize("metric", sorted(METRICS))
+@pytest.mark.parametrize("metric", RELATIVE)
 @given(value=values, tolerance=tolerances, margin=st.floats(min_value=1e-6, max_value=0.09),
        noise_sigmas=sigmas)
 def test_a_worsening_beyond_tolerance_without_noise_regresses(metric: str, value: float, tolerance: float,
@@ -96,7 +98,7 @@ def test_a_change_below_the_metric_floor_never_regresses(metric: str, value: flo
     assert not verdict.regressed
 
 
-@pytest.mark.parametrize("metric", sorted(METRICS))
+@pytest.mark.parametrize("metric", RELATIVE)
 @given(value=values, fraction=st.floats(min_value=0.0, max_value=0.99), tolerance=tolerances,
        spread_m=spreads, noise_sigmas=st.floats(min_value=1.0, max_value=5.0))
 def test_noise_as_large_as_the_change_suppresses_a_regression(metric: str, value: float, fraction: float,
@@ -118,7 +120,7 @@ def test_the_sign_of_change_follows_the_direction(metric: str, baseline: float, 
     assert math.isclose(abs(verdict.change), abs(measured - baseline) / baseline)
 
 
-@given(metric=st.sampled_from(sorted(METRICS)), baseline=values, measured=values, tolerance=tolerances)
+@given(metric=st.sampled_from(RELATIVE), baseline=values, measured=values, tolerance=tolerances)
 def test_the_message_names_cell_metric_figures_change_and_tolerance(
     metric: str, baseline: float, measured: float, tolerance: float
 ) -> None:
@@ -154,7 +156,7 @@ def test_the_message_says_why_a_worsening_passed() -> None:
     assert "(baseline 10, measured 10.05; " in within_tolerance.message
 
 
-@pytest.mark.parametrize("metric", sorted(METRICS))
+@pytest.mark.parametrize("metric", RELATIVE)
 @given(value=values, tolerance=st.floats(min_value=1e-3, max_value=0.9), share=st.floats(min_value=0.0, max_value=0.99),
        factor=st.floats(min_value=1.01, max_value=100.0), noise_sigmas=st.floats(min_value=0.5, max_value=5.0))
 def test_a_check_is_resolved_exactly_when_the_spreads_fit_inside_the_tolerance(
@@ -168,6 +170,24 @@ def test_a_check_is_resolved_exactly_when_the_spreads_fit_inside_the_tolerance(
     noisy = check(metric, Figure(value, spread(factor)), Figure(value, spread(factor)), tolerance, noise_sigmas)
     assert quiet.resolved and not noisy.resolved
     assert unresolved([quiet, noisy]) == [noisy]
+
+
+def test_there_are_exact_figures() -> None:
+    assert EXACT == ["decode_kernels_per_step"]
+
+
+@pytest.mark.parametrize("metric", EXACT)
+@given(value=st.integers(min_value=1, max_value=10_000), other=st.integers(min_value=1, max_value=10_000),
+       tolerance=tolerances, spread=spreads, noise_sigmas=sigmas)
+def test_an_exact_figure_fails_on_any_change_either_way_whatever_the_tolerance_and_noise(
+    metric: str, value: int, other: int, tolerance: float, spread: float, noise_sigmas: float
+) -> None:
+    verdict = check(metric, Figure(float(value), spread), Figure(float(other), spread), tolerance, noise_sigmas)
+    assert verdict.regressed == (value != other)
+    assert verdict.resolved
+    if value != other:
+        assert "changed (an exact figure: any change fails)" in verdict.message
+        assert f"baseline {value}" in verdict.message and f"measured {other}" in verdict.message
 
 
 def test_a_regression_caught_through_the_noise_is_not_also_unresolved() -> None:

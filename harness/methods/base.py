@@ -178,6 +178,21 @@ class Method(ABC):
         """The resolved settings that decide this method's figures, recorded with every result."""
         return {"backend": self.NAME, "params": dict(self.params)}
 
+    def device_timing_unavailable(self) -> str | None:
+        """Why the suite's device timing (harness/measure/device.py: a transformers model's decode step over a
+        static cache, captured as a CUDA graph) does not apply to this method, or None when it does."""
+        return None
+
+    def capture_blocker(self) -> str | None:
+        """Why this method's decode step cannot be captured as a CUDA graph (a host sync inside it), or None;
+        such a step's device time is read from its kernels' own durations instead."""
+        return None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether this method runs its decode step through torch.compile."""
+        return self.params.get("mode") == "compiled"
+
     def consistency_tolerance(self) -> float:
         """The batched-vs-alone logit change, in standard deviations of the logits, that batch consistency
         accepts as arithmetic (harness/measure/consistency.py); an algorithm that is batch-variant by design

@@ -57,6 +57,13 @@ class BitsAndBytesMethod(Method):
         left-padding bug moves them by about one or more."""
         return INT8_CONSISTENCY_TOLERANCE if self.params["quant"] == "int8" else super().consistency_tolerance()
 
+    def capture_blocker(self) -> str | None:
+        """LLM.int8 finds its outlier columns on the host at every matmul (a device-to-host sync), which CUDA
+        graph capture refuses; 4-bit layers capture."""
+        if self.params["quant"] == "int8":
+            return "LLM.int8 finds its outlier columns on the host at every matmul (a sync inside the step)"
+        return None
+
     def verify(self, model: Any, generated: bool) -> None:
         import bitsandbytes as bnb
 

@@ -117,6 +117,10 @@ class GGUFMethod(Method):
                 raise MethodUnavailable("llama-cpp-python was built without GPU offload (rebuild it with "
                                         "CMAKE_ARGS=\"-DGGML_CUDA=on\")")
 
+    def device_timing_unavailable(self) -> str | None:
+        return ("llama.cpp runs its own decode loop: its own C++ timer (details.method.perf_check) is not yet "
+                "a device figure")
+
     def consistency_tolerance(self) -> float:
         return CUDA_CONSISTENCY_TOLERANCE if self.device == "cuda" else super().consistency_tolerance()
 
