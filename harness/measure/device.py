@@ -182,7 +182,6 @@ class StepProgram:
         import torch
         from transformers import StaticCache
 
-        self.torch = torch
         self.model = model
         self.prompt_tokens = len(rows[0])
         if any(len(row) != self.prompt_tokens for row in rows):
@@ -213,10 +212,9 @@ class StepProgram:
     def prefill(self) -> None:
         """Rewind to an empty cache and write the prompt; the greedy next ids go to `first`."""
         self.rewind(0)
-        with self.torch.inference_mode():
-            logits = self.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True,
-                                logits_to_keep=1).logits
-            self.first.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        logits = self.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True,
+                            logits_to_keep=1).logits
+        self.first.copy_(logits[:, -1].argmax(-1, keepdim=True))
 
     def start_decode(self) -> None:
         """Put the cache after the prompt and the prefill's ids into the step's input."""
@@ -226,11 +224,10 @@ class StepProgram:
 
     def step(self) -> None:
         """One greedy decode step, its input and output in place (so a graph of it can be replayed)."""
-        with self.torch.inference_mode():
-            logits = self.forward(self.ids)
-            self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
-            self.generated.index_copy_(1, self.step_index.view(1), self.ids)
-            self.step_index.add_(1)
+        logits = self.forward(self.ids)
+        self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.generated.index_copy_(1, self.step_index.view(1), self.ids)
+        self.step_index.add_(1)
 
 
 def profile_kernels(run: Callable[[], None], repeats: int, cuda: bool) -> tuple[float, int, tuple[str, ...]]:
@@ -277,6 +274,16 @@ def measure_device(
     """
     if steps < 3:
         raise ValueError(f"device timing needs at least 3 decode steps per burst (new_tokens >= 4), got {steps}")
+    import torch
+
+    # everything in inference mode: the static cache's tensors are made inside it (its first write), and an
+    # inference tensor may only be written to there (the rewind between bursts)
+    with torch.inference_mode():
+        return _measure(model, rows, steps, compiled, cuda, capturable, inject_fraction, bursts, warmup_bursts)
+
+
+def _measure(model: Any, rows: list[list[int]], steps: int, compiled: bool, cuda: bool, capturable: str | None,
+             inject_fraction: float, bursts: int, warmup_bursts: int) -> tuple[DeviceTiming, list[list[int]]]:
     program = StepProgram(model, rows, steps, compiled)
     notes: dict[str, Any] = {"compiled": compiled}
     prefill = capture(program.prefill, cuda) if capturable is None else program.prefill
