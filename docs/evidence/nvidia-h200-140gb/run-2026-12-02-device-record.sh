@@ -4,6 +4,8 @@
 # From the repository root, with the bitsandbytes 0.50.2 wheel under .whl/, started in the background
 # (setsid) and watched by later calls:
 #   bash docs/evidence/nvidia-h200-140gb/run-2026-12-02-device-record.sh
+# Run L was stopped after record-tiny-compiled (device-record-phases.txt: "killed"): the Llama-2-7B lines below
+# did not run, to keep the session's device time for the gates on other cards.
 . docs/evidence/nvidia-h200-140gb/device-setup.sh
 echo "run L: record device figures, --processes 3" >> $R/phases
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
