@@ -57,12 +57,14 @@ def test_task_accuracy(quantbench, request, qb_model_cell):
     quantbench.check_tasks(request, qb_model_cell)
 
 
+@pytest.mark.device_time
 def test_device_decode(quantbench, request, qb_cell):
     """Device time of a decode step (CUDA events around captured-graph replays, or the kernels' own
     durations), and the kernels the step launches (exact)."""
     quantbench.check(request, qb_cell, ["decode_device_tokens_per_s", "decode_kernels_per_step"])
 
 
+@pytest.mark.device_time
 def test_device_prefill(quantbench, request, qb_cell):
     """Device time of the prefill forward, timed as the decode step is."""
     quantbench.check(request, qb_cell, ["prefill_device_tokens_per_s"])

@@ -1,6 +1,6 @@
 """Command line (`quantbench ...` or `python -m harness.cli ...`).
 
-compare, report, import-results, gate, history, keys, build-*.
+compare, report, import-results, gate, calibrate, history, keys, build-*.
 """
 
 from __future__ import annotations
@@ -35,6 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     gate.add_argument("--failures-only", action="store_true", help="print only what failed")
     gate.add_argument("--fail-unresolved", action="store_true",
                       help="fail a figure whose spreads are wider than its tolerance (as the pytest option)")
+    cal = sub.add_parser("calibrate", help="how the gate told noise from an injected slowdown, per cell and device "
+                         "figure, from a recording, A/A gates on other leases and an injected gate (JSON)")
+    cal.add_argument("--record", nargs="+", type=Path, required=True,
+                     help="results files of the recording (--update-baselines --processes N)")
+    cal.add_argument("--aa", nargs="+", type=Path, action="append", default=[],
+                     help="results files of one gate of unchanged code; repeat the option for each gate")
+    cal.add_argument("--injected", nargs="+", type=Path, default=[],
+                     help="results files of a gate run with --inject-device-slowdown")
+    cal.add_argument("--matrix", type=Path, default=Path("benchmarks/matrix.toml"),
+                     help="the matrix whose suites' tolerances apply (default: benchmarks/matrix.toml)")
+    cal.add_argument("--out", type=Path, default=None, help="write the JSON here (default: print it)")
     hist = sub.add_parser("history", help="every recording of one cell's figure in the git history of its "
                           "baseline file, and how far apart they lie against their own spreads")
     hist.add_argument("key", help="hardware key, e.g. nvidia-h200-140gb")
@@ -103,6 +114,24 @@ def main(argv: list[str] | None = None) -> int:
         if noisy:
             print(noisy)
         return 1 if failures else 0
+    elif args.command == "calibrate":
+        import json
+
+        from harness.baselines import BaselineError
+        from harness.calibration import calibrate
+        from harness.config import MatrixError, load_matrix
+
+        try:
+            document = calibrate(store, load_matrix(args.matrix), args.record, args.aa, args.injected)
+        except (BaselineError, MatrixError, ValueError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        text = json.dumps(document, indent=1)
+        if args.out:
+            args.out.write_text(text + "\n")
+            print(args.out)
+        else:
+            print(text)
     elif args.command == "history":
         from harness.baselines import BaselineError
         from harness.history import HistoryError, describe, figure_history

@@ -46,6 +46,7 @@ STANDARD_MARKERS = {
     "cpu": "cells of the CPU suite (the embedded default)",
     "slow": "cells of large models",
     "eval": "task accuracy through lm-eval (needs real models and data)",
+    "device_time": "device-time figures (GPU suites only: on a CPU the device is the host)",
 }
 
 
@@ -503,7 +504,10 @@ class QuantBench:
         wanted = "eval" in (config.getoption("markexpr", "") or "")
         kept, dropped = [], []
         for item in items:
-            (dropped if item.get_closest_marker("eval") and not wanted else kept).append(item)
+            ref = getattr(item, "callspec", None) and item.callspec.params.get("qb_cell")
+            on_host = item.get_closest_marker("device_time") and isinstance(ref, CellRef) \
+                and ref.cell.suite.device != "cuda"  # a CPU suite's speeds are its generate() figures
+            (dropped if on_host or (item.get_closest_marker("eval") and not wanted) else kept).append(item)
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = kept

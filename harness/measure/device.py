@@ -303,7 +303,7 @@ def _measure(model: Any, rows: list[list[int]], steps: int, compiled: bool, cuda
         except CaptureFailed as exc:
             capturable = f"capture failed: {exc}"
     if capturable is not None:
-        how = How.PROFILER if cuda else How.HOST_CLOCK
+        how = How.PROFILER
         notes["not_captured"] = capturable
 
     def bursts_of(step: Callable[[], None], count: int) -> list[float]:
@@ -318,7 +318,14 @@ def _measure(model: Any, rows: list[list[int]], steps: int, compiled: bool, cuda
 
     injected = 0.0
     if how is How.PROFILER:
-        burst_s = [profile_kernels(program.step, PROFILED_STEPS, cuda)[0] * steps for _ in range(PROFILER_SESSIONS)]
+        profiled = min(PROFILED_STEPS, steps)
+        burst_s = []
+        for _ in range(PROFILER_SESSIONS):
+            program.start_decode()
+            burst_s.append(profile_kernels(program.step, profiled, cuda)[0] * steps)
+        program.start_decode()
+        for _ in range(steps):  # one whole burst, untimed: the ids it decodes
+            program.step()
     else:
         settled = statistics.median(bursts_of(replay, warmup_bursts))
         if inject_fraction:
