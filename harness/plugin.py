@@ -150,7 +150,7 @@ class QuantBench:
         self.processes = option("--processes")
         if self.processes is not None and self.processes < 1:
             raise pytest.UsageError(f"--processes: must be 1 or more, got {self.processes}")
-        self.device_slowdown = option("--inject-device-slowdown")
+        self.device_slowdown = option("--inject-device-slowdown") or 0.0
         if not 0 <= self.device_slowdown < 1:
             raise pytest.UsageError(f"--inject-device-slowdown: a fraction in [0, 1), got {self.device_slowdown}")
         if self.update and (self.delay_ms or self.device_slowdown):
