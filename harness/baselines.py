@@ -208,19 +208,26 @@ class _Reader:
             if name not in METRICS:
                 known = ", ".join(sorted(METRICS))
                 self.fail(f"{where}.figures", f"unknown metric {name!r}; known metrics: {known}")
-            self.figure(figure, f"{where}.figures.{name}")
+            self.figure(figure, f"{where}.figures.{name}", name)
 
-    def figure(self, data: Any, where: str) -> None:
+    def figure(self, data: Any, where: str, name: str) -> None:
         data = self.mapping(data, where)
         self.fields(data, where, FigureDict)
-        self.number(data["value"], f"{where}.value")
+        self.measurement(data["value"], f"{where}.value", name)
         self.number(data["spread"], f"{where}.spread", minimum=0.0)
         self.integer(data["n"], f"{where}.n", 1)
         samples = data["samples"]
         if not isinstance(samples, list):
             self.fail(f"{where}.samples", f"expected a list of numbers, got {_shown(samples)}")
         for index, sample in enumerate(samples):
-            self.number(sample, f"{where}.samples[{index}]")
+            self.measurement(sample, f"{where}.samples[{index}]", name)
+
+    def measurement(self, value: Any, where: str, name: str) -> None:
+        """A figure's value or sample: a finite number inside the metric's range (a negative speed would pass
+        every check as an improvement)."""
+        problem = metric_spec(name).range_problem(self.number(value, where))
+        if problem:
+            self.fail(where, problem)
 
 
 class BaselineStore:
@@ -488,7 +495,9 @@ class Verdict:
         else:  # no relative change from zero: say how far, in the metric's unit
             amount = f"by {_number(abs(self.measured - self.baseline))}{suffix}"
             noise = f"{_number(self.noise_abs)}{suffix}"
-        if self.regressed:
+        if not math.isfinite(self.measured) or not math.isfinite(self.baseline):
+            outcome = "is not a finite number"
+        elif self.regressed:
             outcome = f"regressed {amount}"
         elif self.change < 0:
             outcome = f"improved {amount}"
@@ -530,9 +539,15 @@ class RelativeNoiseAwareRule:
     def check(
         self, cell_id: str, metric: str, baseline: Figure, measured: Figure, tolerance: float
     ) -> Verdict:
-        """Compare `measured` with `baseline` under a relative `tolerance` and the measured noise."""
-        difference = measured.value - baseline.value
+        """Compare `measured` with `baseline` under a relative `tolerance` and the measured noise.
+
+        A figure that is not finite regressed, whatever its direction: NaN compares false with everything and
+        would otherwise pass as "within noise".
+        """
         spec = metric_spec(metric)
+        if not (measured.finite and baseline.finite):
+            return Verdict(cell_id, metric, baseline.value, measured.value, math.inf, tolerance, 0.0, True)
+        difference = measured.value - baseline.value
         # a metric's floor is the smallest change its measurement resolves: below it, a change is noise
         spread_noise = self.noise_sigmas * math.hypot(baseline.spread, measured.spread)
         noise = max(spread_noise, spec.floor)

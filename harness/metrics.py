@@ -7,12 +7,17 @@ matrix file or on the command line.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """What one metric is: its unit, its direction and its default relative tolerance."""
+    """What one metric is: its unit, its direction, its default relative tolerance and its valid range.
+
+    Every figure is a count, a rate, a size, a time or a fraction: none is negative, fractions do not exceed
+    1 and a perplexity is at least 1. A value outside [minimum, maximum], or not finite, is no measurement.
+    """
 
     name: str
     unit: str
@@ -20,6 +25,17 @@ class MetricSpec:
     tolerance: float
     help: str
     floor: float = 0.0  # changes smaller than this (in the metric's unit) are below what one measurement resolves
+    minimum: float = 0.0
+    maximum: float = math.inf
+
+    def range_problem(self, value: float) -> str | None:
+        """Why `value` cannot be a figure of this metric (not finite, or outside its range); None when it can."""
+        if not math.isfinite(value):
+            return f"{value} is not a finite number"
+        if not self.minimum <= value <= self.maximum:
+            upper = "" if math.isinf(self.maximum) else f" to {self.maximum:g}"
+            return f"{value!r} is outside the range of {self.name} ({self.minimum:g}{upper})"
+        return None
 
 
 TASK_PREFIX = "task:"  # lm-eval figures: task:<task>:<metric>, e.g. task:quantbench_word_order:acc
@@ -31,6 +47,7 @@ class _Metrics(dict):
     def __missing__(self, name: str) -> MetricSpec:
         if isinstance(name, str) and name.startswith(TASK_PREFIX) and name.count(":") == 2 \
                 and all(name.split(":")[1:]):
+            # a task metric may be an accuracy or a perplexity: only its sign is known
             return MetricSpec(name, "", True, 0.02, "lm-eval task metric on the loaded model", floor=0.01)
         raise KeyError(name)
 
@@ -71,14 +88,14 @@ METRICS: dict[str, MetricSpec] = _Metrics({
                    floor=64.0),
         MetricSpec("quantize_peak_anon_rss_mib", "MiB", False, 0.25,
                    "peak anonymous resident memory while quantizing on the CPU", floor=64.0),
-        MetricSpec("ppl", "", False, 0.01, "token-level perplexity on the held-out evaluation tokens"),
+        MetricSpec("ppl", "", False, 0.01, "token-level perplexity on the held-out evaluation tokens", minimum=1.0),
         MetricSpec("ppl_ratio", "", False, 0.01, "PPL(method) / PPL(reference) on the same ids"),
         MetricSpec("kld_mean", "nats", False, 0.10,
                    "mean KL(reference || method) per scored token (top-k + rest bucket)", floor=1e-4),
         MetricSpec("kld_p99", "nats", False, 0.10, "99th percentile of the per-token KL divergence", floor=1e-3),
         MetricSpec("kld_max", "nats", False, 0.25, "largest per-token KL divergence", floor=1e-2),
         MetricSpec("top1_agreement", "", True, 0.01,
-                   "share of positions where method and reference pick the same top token"),
+                   "share of positions where method and reference pick the same top token", maximum=1.0),
     )
 })
 

@@ -36,7 +36,7 @@ from harness.hardware import cpu_share_env, gpu_info, hardware_key, worker_cpu_s
 from harness.isolation import Outcome, run_isolated
 from harness.methods import BACKENDS, Method, method_class
 from harness.metrics import TASK_PREFIX
-from harness.results import CellResult, cell_id
+from harness.results import CellResult, cell_id, json_safe
 
 RESULTS_SCHEMA_VERSION = 1
 DEFAULT_MATRIX = Path("benchmarks") / "matrix.toml"
@@ -350,7 +350,7 @@ class QuantBench:
                   "reason": outcome.reason, "wall_s": outcome.wall_s,
                   "results": [r.to_dict() for r in outcome.results]}
         with open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
     # ---- the gate --------------------------------------------------------------------------------------
     def check(self, request: pytest.FixtureRequest, ref: CellRef, metrics: list[str],
@@ -370,6 +370,9 @@ class QuantBench:
                         f"--- worker log (tail) ---\n{outcome.log_tail}", pytrace=False)
         if result.error:
             pytest.fail(f"{ref.id}: {result.error}", pytrace=False)
+        broken = result.non_finite(metrics)
+        if broken:
+            pytest.fail("\n".join(broken), pytrace=False)
         wanted = [m for m in metrics if m in result.figures]
         if not wanted:
             quantization = result.details.get("quantization") or {}
@@ -530,8 +533,9 @@ class QuantBench:
             terminalreporter.write_line(line)
         path = self.results_dir / f"{self.run_id}-summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.run_id,
-                                    "matrix": str(self.matrix_path), "records": self.records}, indent=1))
+        path.write_text(json.dumps(json_safe({"schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.run_id,
+                                              "matrix": str(self.matrix_path), "records": self.records}),
+                                   indent=1, allow_nan=False))
         terminalreporter.write_line(f"results: {path} (figures with provenance: {self.run_id}-*.jsonl)")
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:

@@ -1,0 +1,155 @@
+"""Hostile input and faults (issue #18): a broken figure never passes, a fault becomes the cell's one outcome,
+a remedy works, and what the matrix or the command line gets wrong is refused before anything runs."""
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from harness import plugin
+from harness.baselines import BaselineError, BaselineStore, RelativeNoiseAwareRule
+from harness.config import load_matrix
+from harness.isolation import Outcome
+from harness.results import CellResult, Figure, gate_results
+
+MATRIX = """
+[run]
+prompt_tokens = 8
+new_tokens = 6
+repeats = 3
+[accuracy]
+context_tokens = 32
+stride = 32
+max_eval_tokens = 96
+[models.tiny]
+source = "synthetic"
+arch = "tiny-test"
+[methods.fp32]
+backend = "torch"
+dtype = "float32"
+[suites.cpu]
+reference = "fp32"
+models = ["tiny"]
+methods = ["fp32"]
+batch_sizes = [1, 2]
+"""
+HW = "test-host"
+
+
+def make_session(tmp_path: Path, matrix: str = MATRIX, **options) -> plugin.QuantBench:
+    """A QuantBench over a matrix file, without pytest around it (its workers are faked by the tests)."""
+    (tmp_path / "matrix.toml").write_text(matrix)
+    values = {"--matrix": str(tmp_path / "matrix.toml"), "--results-dir": str(tmp_path / "results"),
+              "--baselines-dir": str(tmp_path / "baselines"), "--hardware-key": HW, "--tolerance": [],
+              "--no-cpu-split": True, **options}
+    return plugin.QuantBench(SimpleNamespace(rootpath=tmp_path, getoption=values.get))
+
+
+def measured_cells(ppl: float = 7.5, decode: float = 100.0) -> list[CellResult]:
+    """A worker's results for the fp32|tiny cell, read back as the harness reads a worker's output."""
+    config = {"suite": "cpu", "run": {"new_tokens": 6}}
+    cells = [CellResult("fp32", "tiny", None, {"ppl": Figure(ppl)}, config=config,
+                        hardware={"hardware_key": HW}),
+             *(CellResult("fp32", "tiny", b, {"decode_tokens_per_s": Figure.of([decode, decode * 1.01])},
+                          config=config, hardware={"hardware_key": HW}) for b in (1, 2))]
+    return [CellResult.from_dict(json.loads(json.dumps(cell.to_dict()))) for cell in cells]
+
+
+def fake_workers(monkeypatch, measure):
+    """Replace the worker processes: preparation and the reference succeed, `measure(job)` measures."""
+    calls = []
+
+    def run(job, timeout_s, env):
+        calls.append(job)
+        if job.get("prepare_only") or (job.get("reference") or {}).get("role") == "compute":
+            return Outcome("ok")
+        return measure(job)
+
+    monkeypatch.setattr(plugin, "run_isolated", run)
+    return calls
+
+
+def a_request():
+    return SimpleNamespace(node=SimpleNamespace(user_properties=[]))
+
+
+def measuring_calls(calls):
+    return [job for job in calls if not job.get("prepare_only") and job.get("reference", {}).get("role") != "compute"]
+
+
+# ---- 1. no non-finite figure passes -------------------------------------------------------------------------
+
+def test_a_nan_figure_read_from_a_worker_leaves_the_figures_and_is_named():
+    cell = CellResult("gguf-q4", "tiny", None, {"ppl": Figure(math.nan), "load_s": Figure(1.0)})
+    read = CellResult.from_dict(json.loads(json.dumps(cell.to_dict())))  # a worker's out.json keeps NaN
+    assert set(read.figures) == {"load_s"} and read.details["non_finite_figures"] == {"ppl": "nan"}
+    json.dumps(read.to_dict(), allow_nan=False)  # strict JSON from here on
+    assert read.non_finite(["ppl", "load_s"]) == [
+        "ppl of gguf-q4|tiny measured nan, not a finite number: the measurement is broken (a corrupted cached "
+        "artifact or a numerical failure); it is not compared or stored"]
+
+
+def test_a_nan_perplexity_fails_its_test_live_and_reaches_no_file_as_nan(tmp_path, monkeypatch):
+    fake_workers(monkeypatch, lambda job: Outcome("ok", results=measured_cells(ppl=math.nan)))
+    session = make_session(tmp_path)
+    [cell] = session.cells()
+    with pytest.raises(pytest.fail.Exception, match=r"ppl of fp32\|tiny measured nan, not a finite number"):
+        session.check(a_request(), plugin.CellRef(cell, None), ["ppl"])
+    [results] = (tmp_path / "results").glob("*.jsonl")
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not strict JSON")
+
+    [record] = [json.loads(line, parse_constant=strict) for line in results.read_text().splitlines()]
+    assert record["results"][0]["details"]["non_finite_figures"] == {"ppl": "nan"}
+    assert "ppl" not in record["results"][0]["figures"]
+
+
+def test_a_nan_figure_in_an_older_results_file_fails_the_offline_gate(tmp_path):
+    store = BaselineStore(tmp_path / "baselines")
+    store.merge(HW, measured_cells())
+    results = tmp_path / "run-main.jsonl"
+    cells = [cell.to_dict() for cell in measured_cells()]
+    cells[0]["figures"]["ppl"]["value"] = math.nan  # as written before NaN was caught
+    results.write_text(json.dumps({"cell": "cpu:fp32|tiny", "role": "process", "status": "ok", "results": cells}))
+    (tmp_path / "matrix.toml").write_text(MATRIX)
+    lines, failures, _ = gate_results(store, [results], load_matrix(tmp_path / "matrix.toml"))
+    assert failures == 1
+    assert [line for line in lines if line.startswith("FAIL")] == [
+        "FAIL ppl of fp32|tiny measured nan, not a finite number: the measurement is broken (a corrupted cached "
+        "artifact or a numerical failure); it is not compared or stored"]
+    assert not any("within noise" in line and "ppl" in line for line in lines)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_the_rule_regresses_a_figure_that_is_not_finite(value):
+    verdict = RelativeNoiseAwareRule().check("c", "ppl", Figure(7.0), Figure(value), 0.01)
+    assert verdict.regressed and "is not a finite number" in verdict.message
+
+
+# ---- 2. every metric declares its range; the reader refuses values outside it ------------------------------
+
+@pytest.mark.parametrize(("metric", "value", "problem"), [
+    ("decode_tokens_per_s", -499.5, "-499.5 is outside the range of decode_tokens_per_s (0)"),
+    ("top1_agreement", 1.5, "1.5 is outside the range of top1_agreement (0 to 1)"),
+    ("ppl", 0.5, "0.5 is outside the range of ppl (1)"),
+])
+def test_a_baseline_outside_its_metrics_range_is_refused_by_file_and_field(tmp_path, metric, value, problem):
+    store = BaselineStore(tmp_path / "baselines")
+    cell = CellResult("fp32", "tiny", 1, {metric: Figure.of([1.0, 1.0])})
+    [path] = store.merge(HW, [cell])
+    document = json.loads(path.read_text())
+    document["cells"]["fp32|tiny|b1"]["figures"][metric]["samples"][1] = value
+    path.write_text(json.dumps(document))
+    with pytest.raises(BaselineError) as caught:
+        store.load(HW, "tiny")
+    assert f"{path}: cells['fp32|tiny|b1'].figures.{metric}.samples[1]: {problem}" in str(caught.value)
+
+
+def test_a_result_outside_its_metrics_range_never_becomes_a_baseline(tmp_path):
+    store = BaselineStore(tmp_path / "baselines")
+    with pytest.raises(BaselineError, match=r"figures.decode_tokens_per_s.value: -1.0 is outside the range"):
+        store.merge(HW, [CellResult("fp32", "tiny", 1, {"decode_tokens_per_s": Figure(-1.0)})])
+    assert not store.path(HW, "tiny").exists()
