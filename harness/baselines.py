@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +34,13 @@ SCHEMA_VERSION = 1
 # A slug names a folder or a file: no separators, and no leading dot so it can never be `..` or hidden.
 _SLUG = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
-_REGENERATE = "fix it or regenerate it with --update-baselines"
+REPLACE_COMMAND = "pytest --update-baselines --replace-unreadable-baselines"
+
+
+def _remedy(path: Path, suffix: str) -> str:
+    """What to do about a baseline file that cannot be read: the command that moves it aside and records anew."""
+    return (f"fix it, or run `{REPLACE_COMMAND}` to move it aside to {path.name}{suffix} (kept beside it) "
+            "and record this run's cells in a new file")
 
 
 class FigureDict(TypedDict):
@@ -72,6 +79,21 @@ class BaselineFile(TypedDict):
 
 class BaselineError(Exception):
     """A baseline file (or a result about to become one) does not follow the schema."""
+
+
+class NewerSchemaError(BaselineError):
+    """A baseline file written by a newer quantbench: this one must not read or replace it."""
+
+
+class UnreadableBaselineError(BaselineError):
+    """A stored baseline file that cannot be read: malformed, invalid or of an older schema.
+
+    `aside` is where --replace-unreadable-baselines moves it before writing a new file.
+    """
+
+    def __init__(self, message: str, aside: Path) -> None:
+        super().__init__(message)
+        self.aside = aside
 
 
 def _check_slug(name: str, what: str) -> None:
@@ -158,12 +180,11 @@ class _Reader:
         if isinstance(version, bool) or not isinstance(version, int):
             self.fail("schema_version", f"expected an integer, got {_shown(version)}")
         if version < SCHEMA_VERSION:
-            raise BaselineError(
+            raise UnreadableBaselineError(
                 f"schema_version {version} in {self.file}; this suite reads {SCHEMA_VERSION}; "
-                "regenerate it with --update-baselines"
-            )
+                + _remedy(self.file, f".v{version}"), self.file.with_name(f"{self.file.name}.v{version}"))
         if version > SCHEMA_VERSION:
-            raise BaselineError(
+            raise NewerSchemaError(
                 f"schema_version {version} in {self.file}; this suite reads {SCHEMA_VERSION}; "
                 "update quantbench to read it"
             )
@@ -262,14 +283,17 @@ class BaselineStore:
         """The stored baseline of `cell` on `hardware_key`, or None when it has none."""
         return self.load(hardware_key, cell.model).get(cell.id)
 
-    def merge(self, hardware_key: str, results: Iterable[CellResult], pool: bool = False) -> list[Path]:
+    def merge(self, hardware_key: str, results: Iterable[CellResult], pool: bool = False,
+              replace_unreadable: bool = False, log: Callable[[str], None] = print) -> list[Path]:
         """Store `results` as the baselines of their cells on `hardware_key`; return the files written.
 
         A stored cell is replaced whole, or with `pool` its repeated figures take the stored samples too
         (`pool_with_baseline`); every other cell, model and hardware key is kept as it was. Cells with an
         error are not stored (their figures are no baseline); callers find them by `result.error`. Every
         file is read and checked before any is written, so an invalid file or result, or a stored cell that
-        cannot be pooled, raises BaselineError and leaves the disk as it was.
+        cannot be pooled, raises BaselineError and leaves the disk as it was. With `replace_unreadable`, a
+        file that cannot be read (UnreadableBaselineError) is moved aside to its `aside` name instead, `log`
+        says where, and a new file holds the given cells.
         """
         _check_slug(hardware_key, "hardware key")
         by_model: dict[str, dict[str, CellResult]] = {}
@@ -284,9 +308,17 @@ class BaselineStore:
         # files, and a read-modify-write without it loses cells.
         with file_lock(self.root / ".lock"):
             texts: dict[Path, str] = {}
+            asides: dict[Path, tuple[Path, str]] = {}
             for model, cells in sorted(by_model.items()):
                 path = self.path(hardware_key, model)
-                document = self._read(hardware_key, model) or BaselineFile(
+                try:
+                    stored = self._read(hardware_key, model)
+                except UnreadableBaselineError as exc:
+                    if not replace_unreadable:
+                        raise
+                    asides[path] = (_free_name(exc.aside), str(exc).split("; ")[0])
+                    stored = None
+                document = stored or BaselineFile(
                     schema_version=SCHEMA_VERSION, hardware_key=hardware_key, model=model, cells={}
                 )
                 for key, result in cells.items():
@@ -299,6 +331,9 @@ class BaselineStore:
                     document["cells"][key] = _stored_cell(path, result,
                                                           result.details.get("measured_at") or recorded_at)
                 texts[path] = json.dumps(document, sort_keys=True, indent=2, allow_nan=False) + "\n"
+            for path, (aside, why) in asides.items():
+                os.replace(path, aside)
+                log(f"{path} could not be read ({why}); moved aside to {aside}, and a new file records this run")
             for path, text in texts.items():
                 atomic_write_text(path, text)
         return list(texts)
@@ -309,19 +344,33 @@ class BaselineStore:
             raw = path.read_bytes()
         except FileNotFoundError:
             return None
+        remedy, aside = _remedy(path, ".corrupt"), path.with_name(f"{path.name}.corrupt")
         try:
             data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
         except UnicodeDecodeError as exc:
-            raise BaselineError(
-                f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); {_REGENERATE}"
-            ) from None
+            raise UnreadableBaselineError(
+                f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); {remedy}", aside) from None
         except json.JSONDecodeError as exc:
-            raise BaselineError(
-                f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; {_REGENERATE}"
+            raise UnreadableBaselineError(
+                f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; {remedy}", aside
             ) from None
         except BaselineError as exc:
-            raise BaselineError(f"{path}: {exc}; {_REGENERATE}") from None
-        return _Reader(path, _REGENERATE).document(data, hardware_key, model)
+            raise UnreadableBaselineError(f"{path}: {exc}; {remedy}", aside) from None
+        try:
+            return _Reader(path, remedy).document(data, hardware_key, model)
+        except (UnreadableBaselineError, NewerSchemaError):  # a newer schema is no damage: a newer suite reads it
+            raise
+        except BaselineError as exc:
+            raise UnreadableBaselineError(str(exc), aside) from None
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2` ... : the first that does not exist, so an earlier file set aside is kept."""
+    candidate, number = path, 0
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
 
 
 def _run_of(cell: CellResult) -> dict[str, Any]:

@@ -61,6 +61,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--pool-baselines", action="store_true",
                     help="with --update-baselines: pool each repeated figure's samples with the stored "
                          "baseline's instead of replacing it (baselines spanning several runners or days)")
+    group.addoption("--replace-unreadable-baselines", action="store_true",
+                    help="with --update-baselines: move a baseline file that cannot be read (malformed, or of an "
+                         "older schema) aside to <file>.corrupt or <file>.v<N> and record this run in a new one")
     group.addoption("--strict-baselines", action="store_true", help="fail cells that have no baseline")
     group.addoption("--recheck", action="store_true",
                     help="measure a cell again when a figure with repeats regresses, and gate the pooled "
@@ -140,6 +143,10 @@ class QuantBench:
         if self.pool_baselines and not self.update:
             raise pytest.UsageError("--pool-baselines pools this run into the stored baselines: it needs "
                                     "--update-baselines")
+        self.replace_unreadable = option("--replace-unreadable-baselines")
+        if self.replace_unreadable and not self.update:
+            raise pytest.UsageError("--replace-unreadable-baselines replaces unreadable baseline files with this "
+                                    "run's: it needs --update-baselines")
         self.fail_unresolved = option("--fail-unresolved")
         self.delay_ms = option("--inject-decode-delay-ms")
         self.processes = option("--processes")
@@ -150,6 +157,7 @@ class QuantBench:
                                     "it cannot be combined with --update-baselines")
         self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         self.outcomes: dict[str, Outcome] = {}
+        self.written: set[str] = set()  # cells with a record in the results file
         self.recheck_enabled = option("--recheck") and not self.update
         self.jobs: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}  # cell -> (measuring job, env)
         self.rechecked: set[str] = set()
@@ -202,9 +210,27 @@ class QuantBench:
 
     # ---- running cells ---------------------------------------------------------------------------------
     def outcome(self, cell: Cell) -> Outcome:
-        """Run the cell's worker once (all its batch sizes) and keep the outcome for the other tests."""
-        if cell.key in self.outcomes:
-            return self.outcomes[cell.key]
+        """Run the cell's worker once (all its batch sizes) and keep the outcome for the other tests.
+
+        Whatever goes wrong while producing it, in a worker or in the harness around it, becomes the cell's
+        outcome: its other tests read the same one, and the worker never runs twice.
+        """
+        if cell.key not in self.outcomes:
+            try:
+                self.outcomes[cell.key] = self._produce(cell)
+            except Exception as exc:  # a harness fault, not the worker's: recorded once, like a worker error
+                outcome = Outcome("error", f"the harness failed while producing the outcome of {cell.key}: "
+                                           f"{type(exc).__name__}: {exc}")
+                if cell.key not in self.written:
+                    try:
+                        self._write_results(cell, outcome, "process")
+                    except OSError as again:
+                        outcome.reason += f"; its results record could not be written either ({again})"
+                self.outcomes[cell.key] = outcome
+        return self.outcomes[cell.key]
+
+    def _produce(self, cell: Cell) -> Outcome:
+        """Prepare, measure (and with --update-baselines store) one cell; see `outcome`."""
         gpu = gpu_info() if cell.suite.device == "cuda" else None
         if cell.suite.device == "cuda" and gpu is None:
             outcome = Outcome("skipped", "no CUDA GPU on this machine (NVML sees none)")
@@ -254,12 +280,12 @@ class QuantBench:
             if self.update and outcome.results:
                 try:
                     self.store.merge(self.hardware_key(cell.suite.device), outcome.results,
-                                     pool=self.pool_baselines)
-                except (BaselineError, ValueError) as exc:
-                    # the figures are in the results file; the stored baselines stay as they were
-                    outcome.status, outcome.reason = "error", f"baselines not updated: {exc}"
-                    outcome.results = []
-        self.outcomes[cell.key] = outcome
+                                     pool=self.pool_baselines, replace_unreadable=self.replace_unreadable,
+                                     log=outcome.notes.append)
+                except (BaselineError, ValueError, OSError) as exc:
+                    # the worker measured; the figures are in the results file and the stored baselines stay
+                    # as they were (an unwritable folder, an invalid file)
+                    outcome.store_error = f"baselines not updated: {exc}"
         return outcome
 
     def _measure(self, cell: Cell, job: dict[str, Any], env: dict[str, str]) -> Outcome:
@@ -344,6 +370,7 @@ class QuantBench:
         """Append one process's outcome to the run's results file; `role` (prepare, process or recheck) lets
         `quantbench gate` and `import-results` pool the records as this run did (harness/results.read_run)."""
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        self.written.add(cell.key)
         path = self.results_dir / f"{self.run_id}-{worker}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"schema_version": RESULTS_SCHEMA_VERSION, "cell": cell.key, "role": role, "status": outcome.status,
@@ -363,6 +390,8 @@ class QuantBench:
         outcome = self.outcome(ref.cell)
         if outcome.status == "skipped":
             pytest.skip(f"{ref.id}: {outcome.reason}")
+        if outcome.store_error:
+            pytest.fail(f"{ref.id}: {outcome.store_error}", pytrace=False)
         self.recheck(ref.cell)
         result = outcome.result(ref.batch_size)
         if result is None:
@@ -388,6 +417,8 @@ class QuantBench:
             measured(result)
         gated = replace(result, figures={m: result.figures[m] for m in wanted})
         record: dict[str, Any] = {"cell": ref.id, "suite": ref.cell.suite.name, "figures": {}, "status": "new"}
+        if outcome.notes:
+            record["notes"] = outcome.notes
         key = self.hardware_key(ref.cell.suite.device)
         error = None
         try:
@@ -527,6 +558,8 @@ class QuantBench:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             terminalreporter.write_line(f"{len(missing)} cell(s) have no baseline for this hardware "
                                         f"(record with --update-baselines): {shown}")
+        for note in dict.fromkeys(note for record in self.records for note in record.get("notes", ())):
+            terminalreporter.write_line(note)
         line = resolution_summary((name, name in record.get("unresolved", ())) for record in self.records
                                   for name, fig in record["figures"].items() if "change" in fig)
         if line:

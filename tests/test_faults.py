@@ -11,7 +11,7 @@ import pytest
 from harness import plugin
 from harness.baselines import BaselineError, BaselineStore, RelativeNoiseAwareRule
 from harness.config import load_matrix
-from harness.isolation import Outcome
+from harness.isolation import Outcome, run_isolated
 from harness.results import CellResult, Figure, gate_results
 
 MATRIX = """
@@ -153,3 +153,109 @@ def test_a_result_outside_its_metrics_range_never_becomes_a_baseline(tmp_path):
     with pytest.raises(BaselineError, match=r"figures.decode_tokens_per_s.value: -1.0 is outside the range"):
         store.merge(HW, [CellResult("fp32", "tiny", 1, {"decode_tokens_per_s": Figure(-1.0)})])
     assert not store.path(HW, "tiny").exists()
+
+
+# ---- 4. a remedy that works ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "aside"), [
+    ('{"schema_version": 1, "cells": {', "tiny.json.corrupt"),  # truncated
+    ('{"schema_version": 0, "cells": {}}', "tiny.json.v0"),
+    ('{"cells": {}}', "tiny.json.corrupt"),  # no schema_version
+])
+def test_an_unreadable_baseline_file_names_the_command_that_replaces_it_and_the_command_works(tmp_path, text, aside):
+    store = BaselineStore(tmp_path / "baselines")
+    path = store.path(HW, "tiny")
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(BaselineError) as refused:
+        store.merge(HW, measured_cells())
+    assert f"run `pytest --update-baselines --replace-unreadable-baselines` to move it aside to {aside}" in str(
+        refused.value)
+    assert path.read_text() == text  # without the option nothing changes
+    notes = []
+    assert store.merge(HW, measured_cells(), replace_unreadable=True, log=notes.append) == [path]
+    assert (path.parent / aside).read_text() == text  # kept, under the name the message gave
+    assert sorted(store.load(HW, "tiny")) == ["fp32|tiny", "fp32|tiny|b1", "fp32|tiny|b2"]
+    assert notes == [f"{path} could not be read ({str(refused.value).split('; ')[0]}); moved aside to "
+                     f"{path.parent / aside}, and a new file records this run"]
+    path.write_text(text)  # broken again: the first file set aside is kept
+    store.merge(HW, measured_cells(), replace_unreadable=True, log=notes.append)
+    assert (path.parent / f"{aside}.1").read_text() == (path.parent / aside).read_text() == text
+
+
+def test_a_newer_schema_is_never_moved_aside(tmp_path):
+    store = BaselineStore(tmp_path / "baselines")
+    path = store.path(HW, "tiny")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"schema_version": 2}')
+    with pytest.raises(BaselineError, match="update quantbench to read it"):
+        store.merge(HW, measured_cells(), replace_unreadable=True)
+    assert path.read_text() == '{"schema_version": 2}' and sorted(p.name for p in path.parent.iterdir()) == [
+        "tiny.json"]
+
+
+def test_the_live_remedy_replaces_the_file_and_a_failed_store_reads_as_such_not_as_a_worker_error(
+        tmp_path, monkeypatch):
+    calls = fake_workers(monkeypatch, lambda job: Outcome("ok", results=measured_cells()))
+    path = BaselineStore(tmp_path / "baselines").path(HW, "tiny")
+    path.parent.mkdir(parents=True)
+    path.write_text("{")
+    session = make_session(tmp_path, **{"--update-baselines": True})
+    [cell] = session.cells()
+    with pytest.raises(pytest.fail.Exception) as failed:
+        session.check(a_request(), plugin.CellRef(cell, 1), ["decode_tokens_per_s"])
+    assert "fp32|tiny|b1: baselines not updated: " in str(failed.value) and "worker" not in str(failed.value)
+    assert "--replace-unreadable-baselines" in str(failed.value)
+
+    session = make_session(tmp_path, **{"--update-baselines": True, "--replace-unreadable-baselines": True})
+    request = a_request()
+    session.check(request, plugin.CellRef(cell, 1), ["decode_tokens_per_s"])
+    [record] = [value for name, value in request.node.user_properties if name == "quantbench"]
+    assert record["status"] == "updated" and "moved aside to" in record["notes"][0]
+    assert path.with_name("tiny.json.corrupt").read_text() == "{"
+    assert len(measuring_calls(calls)) == 2  # one per session
+    with pytest.raises(pytest.UsageError, match="--replace-unreadable-baselines .* needs --update-baselines"):
+        make_session(tmp_path, **{"--replace-unreadable-baselines": True})
+
+
+# ---- 6. faults inside the harness ------------------------------------------------------------------------------
+
+def test_a_worker_that_exits_while_it_dumps_its_stacks_is_still_a_timeout(tiny_job, worker_env):
+    outcome = run_isolated(tiny_job("isolation_methods:ExitOnStackDumpMethod"), timeout_s=10, env=worker_env)
+    assert outcome.status == "timeout" and "10 s" in outcome.reason
+
+
+def test_an_exception_producing_a_cells_outcome_is_its_one_recorded_outcome(tmp_path, monkeypatch):
+    def broken(job):
+        raise RuntimeError("the harness tripped")
+
+    calls = fake_workers(monkeypatch, broken)
+    session = make_session(tmp_path)
+    [cell] = session.cells()
+    for batch_size, metrics in ((None, ["ppl"]), (1, ["decode_tokens_per_s"]), (2, ["decode_tokens_per_s"])):
+        with pytest.raises(pytest.fail.Exception,
+                           match=r"the harness failed while producing the outcome of cpu:fp32\|tiny: "
+                                 r"RuntimeError: the harness tripped"):
+            session.check(a_request(), plugin.CellRef(cell, batch_size), metrics)
+    assert len(measuring_calls(calls)) == 1
+    [results] = (tmp_path / "results").glob("*.jsonl")
+    [record] = [json.loads(line) for line in results.read_text().splitlines()]
+    assert (record["cell"], record["status"]) == ("cpu:fp32|tiny", "error")
+
+
+def test_a_baselines_folder_that_cannot_be_written_fails_each_test_once_measured(tmp_path, monkeypatch):
+    calls = fake_workers(monkeypatch, lambda job: Outcome("ok", results=measured_cells()))
+    session = make_session(tmp_path, **{"--update-baselines": True})
+
+    def immutable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "baselines" / HW))
+
+    monkeypatch.setattr(session.store, "merge", immutable)
+    [cell] = session.cells()
+    for batch_size in (1, 2):
+        with pytest.raises(pytest.fail.Exception, match=r"fp32\|tiny\|b\d: baselines not updated: \[Errno 13\] "
+                                                        r"Permission denied: '.*test-host'"):
+            session.check(a_request(), plugin.CellRef(cell, batch_size), ["decode_tokens_per_s"])
+    assert len(measuring_calls(calls)) == 1
+    [results] = (tmp_path / "results").glob("*.jsonl")
+    assert len(results.read_text().splitlines()) == 1
