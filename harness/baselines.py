@@ -468,8 +468,13 @@ class Tolerances:
         return cls(metric_overrides=metric_overrides, method_overrides=method_overrides,
                    noise_sigmas=noise_sigmas)
 
-    def with_cli(self, specs: list[str]) -> Tolerances:
-        """These tolerances with `--tolerance` specs applied in order: `metric=0.1` or `method:metric=0.1`."""
+    def with_cli(self, specs: list[str], methods: Iterable[str] | None = None) -> Tolerances:
+        """These tolerances with `--tolerance` specs applied in order: `metric=0.1` or `method:metric=0.1`.
+
+        With `methods` (the matrix's), a spec naming any other method is refused, as the matrix's own table
+        refuses one: a typo would otherwise leave the tolerance it meant to change as it was.
+        """
+        known = None if methods is None else sorted(methods)
         metric_overrides = dict(self.metric_overrides)
         method_overrides = {method: dict(table) for method, table in self.method_overrides.items()}
         for spec in specs:
@@ -485,6 +490,8 @@ class Tolerances:
                 number: Any = float(value)
             except ValueError:
                 number = value
+            if colon and known is not None and method not in known:
+                raise ValueError(f"{source}: unknown method {method!r}; known: {', '.join(known)}")
             if colon:
                 method_overrides.setdefault(method, {})[name] = _tolerance(number, source, target, name)
             else:

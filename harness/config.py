@@ -162,7 +162,13 @@ class Matrix:
         """All (suite, method, model) cells, narrowed by the command-line filters."""
         want_models = self._check_names("--models", models, self.models)
         want_methods = self._check_names("--methods", methods, self.methods)
-        want_batches = set(batch_sizes) if batch_sizes else None
+        want_batches = set(batch_sizes) if batch_sizes is not None else None
+        if want_batches is not None:
+            known = sorted({b for suite in self.suites.values() for b in suite.batch_sizes})
+            unknown = sorted(want_batches - set(known)) or ([] if want_batches else ["(none)"])
+            if unknown:
+                raise MatrixError(f"--batch-sizes: {', '.join(map(str, unknown))} in no suite of {self.path}; "
+                                  f"its batch sizes: {', '.join(map(str, known))}")
         cells = []
         for suite in self.suites.values():
             sizes = tuple(b for b in suite.batch_sizes if want_batches is None or b in want_batches)
@@ -175,6 +181,9 @@ class Matrix:
                     if want_models is not None and model not in want_models:
                         continue
                     cells.append(Cell(suite, self.methods[method], self.models[model], sizes))
+        if not cells:
+            raise MatrixError(f"--models, --methods and --batch-sizes together select no cell of {self.path}: "
+                              "no suite has that combination")
         return cells
 
     def _check_names(self, option: str, names: Iterable[str] | None, known: dict[str, Any]) -> set[str] | None:
@@ -205,6 +214,13 @@ def _type_name(expected: type | tuple[type, ...]) -> str:
     return " or ".join(t.__name__ for t in types)
 
 
+# fields whose smallest useful value is more than 1: (minimum, why)
+_AT_LEAST = {
+    "new_tokens": (2, "decode throughput is timed from the first new token to the last"),
+    "context_tokens": (2, "a window scores every token after its first"),
+}
+
+
 def _dataclass_from(cls: type, data: dict[str, Any], where: str, base: Any = None) -> Any:
     """Build a frozen config dataclass from a TOML table, checking names and types."""
     fields = _fields_of(cls)
@@ -221,6 +237,9 @@ def _dataclass_from(cls: type, data: dict[str, Any], where: str, base: Any = Non
         _check_type(f"{where}.{name}", value, expected)
         if value < 0 or (value == 0 and name not in ("warmup", "seed", "consistency_tokens")):
             raise MatrixError(f"{where}.{name}: must be positive, got {value!r}")
+        if name in _AT_LEAST and value < _AT_LEAST[name][0]:
+            raise MatrixError(f"{where}.{name}: must be at least {_AT_LEAST[name][0]} ({_AT_LEAST[name][1]}), "
+                              f"got {value!r}")
         values[name] = value
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
@@ -293,8 +312,7 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
         raise MatrixError(f"{source}: {unknown[0]}: unknown table; known: {', '.join(sorted(allowed))}")
     run = _dataclass_from(RunConfig, data.get("run", {}), f"{source}: run")
     accuracy = _dataclass_from(AccuracyConfig, data.get("accuracy", {}), f"{source}: accuracy")
-    if accuracy.stride > accuracy.context_tokens:
-        raise MatrixError(f"{source}: accuracy.stride: must not exceed accuracy.context_tokens")
+    _check_accuracy(accuracy, f"{source}: accuracy")
     evaluation = _parse_eval(data.get("eval", {}), f"{source}: eval", EvalConfig())
 
     models = {}
@@ -333,6 +351,11 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
         reference = entry.get("reference")
         if reference is not None and reference not in methods:
             raise MatrixError(f"{where}.reference: unknown method {reference!r}; known: {', '.join(sorted(methods))}")
+        for kind in ("models", "methods"):
+            if kind in entry and entry[kind] == []:
+                raise MatrixError(f"{where}.{kind}: empty; a suite needs at least one (or leave the suite out)")
+            if kind not in entry:
+                raise MatrixError(f"{where}.{kind}: required, the list of the suite's {kind}")
         suite_tolerances = entry.get("tolerances", {})
         _check_tolerances(suite_tolerances, f"{where}.tolerances", methods)
         suites[name] = Suite(
@@ -341,7 +364,8 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
             methods=_names(f"{where}.methods", entry.get("methods", []), methods, "method"),
             batch_sizes=tuple(batch_sizes),
             run=_dataclass_from(RunConfig, entry.get("run", {}), f"{where}.run", base=run),
-            accuracy=_dataclass_from(AccuracyConfig, entry.get("accuracy", {}), f"{where}.accuracy", base=accuracy),
+            accuracy=_check_accuracy(_dataclass_from(AccuracyConfig, entry.get("accuracy", {}), f"{where}.accuracy",
+                                                     base=accuracy), f"{where}.accuracy"),
             tolerances=_merge_tolerances(tolerances, suite_tolerances),
             device=device,
             reference=reference,
@@ -350,6 +374,25 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
     if not suites:
         raise MatrixError(f"{source}: suites: at least one suite is needed (e.g. [suites.cpu])")
     return Matrix(Path(source), models, methods, suites, tolerances)
+
+
+def _check_accuracy(accuracy: AccuracyConfig, where: str) -> AccuracyConfig:
+    """The perplexity protocol's fields together: a stride within a window, and a text file that has text.
+
+    How many tokens a text gives needs the model's tokenizer: a text too short for one window is refused
+    with the counts by the worker that prepares the model (harness/models.py eval_ids), before any measurement.
+    """
+    if accuracy.stride > accuracy.context_tokens:
+        raise MatrixError(f"{where}.stride: must not exceed {where.rsplit(': ', 1)[-1]}.context_tokens")
+    text = accuracy.text
+    if text is not None and not text.startswith("datasets:"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise MatrixError(f"{where}.text: {text!r} is neither a text file nor datasets:NAME[:CONFIG[:SPLIT]]")
+        if not path.read_text(encoding="utf-8", errors="replace").strip():
+            raise MatrixError(f"{where}.text: {text!r} is empty; perplexity needs at least one window of "
+                              "evaluation tokens")
+    return accuracy
 
 
 def _check_tolerances(data: Any, where: str, methods: dict[str, MethodSpec]) -> None:

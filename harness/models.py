@@ -201,9 +201,18 @@ def eval_ids(model: ResolvedModel, tokenizer: Any, accuracy: AccuracyConfig, see
         low = min(3, model.vocab_size - 1)
         return torch.randint(low, model.vocab_size, (accuracy.max_eval_tokens,), generator=generator).tolist()
     if accuracy.text:
-        return list(tokenizer(evaluation_text(accuracy.text), add_special_tokens=True)["input_ids"])[
-            : accuracy.max_eval_tokens]
-    return heldout_ids(tokenizer)[: accuracy.max_eval_tokens]
+        ids, field = list(tokenizer(evaluation_text(accuracy.text), add_special_tokens=True)["input_ids"]), \
+            f"accuracy.text {accuracy.text!r}"
+    else:
+        ids, field = heldout_ids(tokenizer), "the corpus's held-out text"
+    # one full window, or all of max_eval_tokens where that is less: a shorter text gives a perplexity over a
+    # handful of tokens (ppl 522 +- 460 over 13), or none
+    needed = min(accuracy.context_tokens, accuracy.max_eval_tokens)
+    if len(ids) < needed:
+        raise ModelError(f"{field} gives {len(ids)} evaluation tokens; one window needs {needed} "
+                         f"(accuracy.context_tokens = {accuracy.context_tokens}, accuracy.max_eval_tokens = "
+                         f"{accuracy.max_eval_tokens}): use a longer text or a smaller accuracy.context_tokens")
+    return ids[: accuracy.max_eval_tokens]
 
 
 def evaluation_text(source: str) -> str:

@@ -114,6 +114,13 @@ class CellRef:
         return cell_id(self.cell.method.name, self.cell.model.name, self.batch_size)
 
 
+def new_run_id() -> str:
+    """A run's id: its UTC start to the microsecond and its process id, so ids sort by start time and two runs
+    started in the same second (or microsecond, on one host) never share a results file or a summary."""
+    now = time.time()
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}.{int(now % 1 * 1e6):06d}Z-p{os.getpid()}"
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -155,7 +162,8 @@ class QuantBench:
         if self.update and self.delay_ms:
             raise pytest.UsageError("--inject-decode-delay-ms makes cells slower on purpose; "
                                     "it cannot be combined with --update-baselines")
-        self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        # an xdist worker writes under its controller's id (handed over in pytest_configure_node)
+        self.run_id = (getattr(config, "workerinput", None) or {}).get("quantbench_run_id") or new_run_id()
         self.outcomes: dict[str, Outcome] = {}
         self.written: set[str] = set()  # cells with a record in the results file
         self.recheck_enabled = option("--recheck") and not self.update
@@ -199,7 +207,7 @@ class QuantBench:
     def tolerances(self, cell: Cell) -> Tolerances:
         try:
             return Tolerances.from_mapping(cell.suite.tolerances, f"{self.matrix_path} tolerances").with_cli(
-                self.config.getoption("--tolerance"))
+                self.config.getoption("--tolerance"), self.matrix().methods)
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
 
@@ -529,6 +537,11 @@ class QuantBench:
             ref = getattr(item, "callspec", None) and item.callspec.params.get("qb_model_cell")
             if item.get_closest_marker("eval") and isinstance(ref, CellRef):
                 self.eval_cells.add(ref.cell.key)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        # pytest-xdist: the workers' results files belong to this run
+        node.workerinput["quantbench_run_id"] = self.run_id
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         # A matrix or filter named on the command line is checked before anything runs.

@@ -148,7 +148,9 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
                            "and pass its 'prepared' record (harness/plugin.py does)")
     if job.get("prepare_only"):
         # building the embedded or synthetic weights, and a method's checkpoint, happens here, outside the
-        # process that is measured
+        # process that is measured; an evaluation text too short for one window is refused here too
+        if job["accuracy"].get("text"):
+            eval_ids(resolved, _tokenizer(resolved), AccuracyConfig(**job["accuracy"]), seed)
         if job.get("prepare_method"):
             with track_memory(device, method.TORCH_DEVICE) as memory:
                 prepared = method.prepare(resolved, seed, log)

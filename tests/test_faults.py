@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from harness import plugin
-from harness.baselines import BaselineError, BaselineStore, RelativeNoiseAwareRule
-from harness.config import load_matrix
+from harness.baselines import BaselineError, BaselineStore, RelativeNoiseAwareRule, Tolerances
+from harness.config import MatrixError, load_matrix
 from harness.isolation import Outcome, run_isolated
 from harness.results import CellResult, Figure, gate_results
 
@@ -259,3 +259,105 @@ def test_a_baselines_folder_that_cannot_be_written_fails_each_test_once_measured
     assert len(measuring_calls(calls)) == 1
     [results] = (tmp_path / "results").glob("*.jsonl")
     assert len(results.read_text().splitlines()) == 1
+
+
+# ---- 7. what the matrix or the command line gets wrong is refused before anything runs -----------------------
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda t: t.replace("new_tokens = 6", "new_tokens = 1"),
+     r"run\.new_tokens: must be at least 2 \(decode throughput is timed from the first new token to the last\)"),
+    (lambda t: t.replace('methods = ["fp32"]', "methods = []"), r"suites\.cpu\.methods: empty"),
+    (lambda t: t.replace('models = ["tiny"]', "models = []"), r"suites\.cpu\.models: empty"),
+    (lambda t: t.replace('models = ["tiny"]\n', ""), r"suites\.cpu\.models: required"),
+    (lambda t: t.replace("context_tokens = 32", "context_tokens = 1").replace("stride = 32", "stride = 1"),
+     r"accuracy\.context_tokens: must be at least 2"),
+    (lambda t: t.replace("[accuracy]", '[accuracy]\ntext = "empty.txt"'), r"accuracy\.text: 'empty.txt' is empty"),
+    (lambda t: t.replace("[accuracy]", '[accuracy]\ntext = "nope.txt"'),
+     r"accuracy\.text: 'nope.txt' is neither a text file"),
+])
+def test_a_matrix_that_cannot_run_is_refused_by_file_and_field(tmp_path, monkeypatch, edit, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "matrix.toml").write_text(edit(MATRIX))
+    with pytest.raises(MatrixError, match=message) as refused:
+        load_matrix(tmp_path / "matrix.toml")
+    assert str(tmp_path / "matrix.toml") in str(refused.value)
+
+
+@pytest.mark.parametrize(("sizes", "message"), [
+    ("0", r"--batch-sizes: 0 in no suite of .*matrix.toml; its batch sizes: 1, 2"),
+    ("-1", r"--batch-sizes: -1 in no suite"),
+    ("8", r"--batch-sizes: 8 in no suite"),
+    (",", r"--batch-sizes: \(none\) in no suite"),
+])
+def test_batch_sizes_that_select_nothing_are_a_usage_error(tmp_path, sizes, message):
+    session = make_session(tmp_path, **{"--batch-sizes": sizes})
+    with pytest.raises(pytest.UsageError, match=message):
+        session.pytest_sessionstart(None)
+
+
+def test_filters_that_select_no_cell_are_a_usage_error(tmp_path):
+    matrix = MATRIX + '[methods.bf16]\nbackend = "torch"\ndtype = "bfloat16"\n[suites.other]\nmodels = ["tiny"]\n' \
+                      'methods = ["bf16"]\nbatch_sizes = [4]\n'
+    session = make_session(tmp_path, matrix, **{"--methods": "fp32", "--batch-sizes": "4"})
+    with pytest.raises(pytest.UsageError, match=r"together select no cell of .*matrix.toml"):
+        session.pytest_sessionstart(None)
+
+
+def test_a_tolerance_for_an_unknown_method_is_refused_like_the_matrixs_own(tmp_path):
+    session = make_session(tmp_path, **{"--tolerance": ["fp23:ppl=0.1"]})
+    with pytest.raises(pytest.UsageError, match=r"--tolerance 'fp23:ppl=0.1': unknown method 'fp23'; known: fp32"):
+        session.pytest_sessionstart(None)
+    assert Tolerances().with_cli(["fp23:ppl=0.1"]).for_cell("fp23", "ppl") == 0.1  # no matrix: nothing to check
+    assert make_session(tmp_path, **{"--tolerance": ["fp32:ppl=0.1"]}).tolerances(
+        make_session(tmp_path).cells()[0]).for_cell("fp32", "ppl") == 0.1
+
+
+class CharTokenizer:
+    """One id per character, BOS first."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [1] * add_special_tokens + [ord(c) for c in text]}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", r"accuracy.text '.*' gives 1 evaluation tokens; one window needs 32"),
+    ("fourteen chars", r"gives 15 evaluation tokens; one window needs 32 \(accuracy.context_tokens = 32, "
+                       r"accuracy.max_eval_tokens = 96\)"),
+])
+def test_an_evaluation_text_too_short_for_one_window_is_refused_with_the_counts(tmp_path, text, message):
+    from harness.config import AccuracyConfig
+    from harness.models import ModelError, ResolvedModel, eval_ids
+
+    path = tmp_path / "short.txt"
+    path.write_text(text)
+    accuracy = AccuracyConfig(context_tokens=32, stride=32, max_eval_tokens=96, text=str(path))
+    with pytest.raises(ModelError, match=message):
+        eval_ids(ResolvedModel.__new__(ResolvedModel), CharTokenizer(), accuracy, 0)
+    path.write_text("x" * 40)
+    assert len(eval_ids(ResolvedModel.__new__(ResolvedModel), CharTokenizer(), accuracy, 0)) == 41
+
+
+# ---- 8. unique run ids ------------------------------------------------------------------------------------------
+
+def test_two_runs_started_in_the_same_second_never_share_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(plugin.time, "time", lambda: 1_700_000_000.25)  # the same instant, even
+    monkeypatch.setattr(plugin.os, "getpid", lambda: 4241)
+    first = make_session(tmp_path)
+    monkeypatch.setattr(plugin.os, "getpid", lambda: 4242)  # another pytest process
+    second = make_session(tmp_path)
+    assert (first.run_id, second.run_id) == ("20231114T221320.250000Z-p4241", "20231114T221320.250000Z-p4242")
+    [cell] = first.cells()
+    for session in (first, second):
+        session._write_results(cell, Outcome("ok"), "process")
+    assert len(list((tmp_path / "results").glob("*.jsonl"))) == 2
+
+
+def test_xdist_workers_write_under_their_controllers_run_id(tmp_path):
+    controller = make_session(tmp_path)
+    node = SimpleNamespace(workerinput={})
+    controller.pytest_configure_node(node)
+    (tmp_path / "matrix.toml").write_text(MATRIX)
+    config = SimpleNamespace(rootpath=tmp_path, workerinput=node.workerinput,
+                             getoption={"--matrix": str(tmp_path / "matrix.toml")}.get)
+    assert plugin.QuantBench(config).run_id == controller.run_id
