@@ -91,6 +91,7 @@ class ModelSpec:
     hub_id: str | None = None  # hub: a model id, resolved through the Hugging Face cache
     revision: str | None = None  # hub: a branch, tag or commit
     slow: bool = False  # marks its cells `slow`
+    pickle_weights: bool = False  # local, hub: let pickle weights (*.bin) load; a pickle can run code when loaded
 
     @property
     def synthetic(self) -> bool:
@@ -265,8 +266,9 @@ def _parse_model(name: str, data: Any, where: str) -> ModelSpec:
             _check_type(f"{where}.{key}", data[key], str)
     if "seed" in data:
         _check_type(f"{where}.seed", data["seed"], int)
-    if "slow" in data:
-        _check_type(f"{where}.slow", data["slow"], bool)
+    for key in ("slow", "pickle_weights"):
+        if key in data:
+            _check_type(f"{where}.{key}", data[key], bool)
     return ModelSpec(name=name, **data)
 
 

@@ -124,6 +124,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     random.seed(seed)
     device = job["device"]
     method = method_class(job["method_class"])(job["method"]["params"], device)
+    method.pickle_weights = bool(job["model"].get("pickle_weights"))
     torch_free = not method.TORCH_DEVICE and not job.get("prepare_only")  # see the module docstring
     if torch_free:
         refuse_torch(type(method).__name__)

@@ -361,3 +361,61 @@ def test_xdist_workers_write_under_their_controllers_run_id(tmp_path):
     config = SimpleNamespace(rootpath=tmp_path, workerinput=node.workerinput,
                              getoption={"--matrix": str(tmp_path / "matrix.toml")}.get)
     assert plugin.QuantBench(config).run_id == controller.run_id
+
+
+# ---- 5. safetensors only, where weights are loaded --------------------------------------------------------------
+
+@pytest.fixture
+def pickled_folder(tmp_path, worker_env, monkeypatch):
+    """A local model whose only real weights are a pickle, beside an empty junk.safetensors."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harness.models import synthetic_folder
+
+    monkeypatch.setenv("QUANTBENCH_CACHE", worker_env["QUANTBENCH_CACHE"])
+    source = synthetic_folder("tiny-test", 0, log=lambda message: None)
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(source / "config.json", folder / "config.json")
+    torch.save(AutoModelForCausalLM.from_pretrained(source).state_dict(), folder / "pytorch_model.bin")
+    (folder / "junk.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_a_pickle_beside_junk_safetensors_is_refused_unless_the_matrix_opts_in(pickled_folder):
+    from harness.config import ModelSpec
+    from harness.methods.dense import DenseMethod
+    from harness.models import ModelError, resolve
+
+    spec = ModelSpec(name="mine", source="local", path=str(pickled_folder))
+    with pytest.raises(ModelError, match=r"model 'mine': .* holds pickle weights \(pytorch_model.bin\), which can "
+                                         r"run code when loaded; .* set pickle_weights = true in \[models.mine\]"):
+        resolve(spec)
+    method = DenseMethod({"dtype": "float32"}, "cpu")
+    with pytest.raises(OSError, match="no file named model.safetensors"):  # the loader refuses it too
+        method.load(str(pickled_folder))
+    opted = resolve(ModelSpec(name="mine", source="local", path=str(pickled_folder), pickle_weights=True))
+    assert len(opted.provenance["weights_sha256"]) == 64
+    method.pickle_weights = True
+    assert method.load(str(pickled_folder)).config.hidden_size == 128
+
+
+def test_empty_safetensors_weights_are_refused_and_the_weights_hash_is_in_the_provenance(pickled_folder):
+    from harness.config import ModelSpec
+    from harness.models import ModelError, resolve, synthetic_folder
+
+    (pickled_folder / "pytorch_model.bin").unlink()
+    (pickled_folder / "model.safetensors").write_bytes(b"")
+    spec = ModelSpec(name="mine", source="local", path=str(pickled_folder))
+    with pytest.raises(ModelError, match=r"model.safetensors is not a readable safetensors file"):
+        resolve(spec)
+    shard = next(synthetic_folder("tiny-test", 0, log=lambda message: None).glob("model-*.safetensors"))
+    (pickled_folder / "model.safetensors").write_bytes(shard.read_bytes())
+    first = resolve(spec).provenance["weights_sha256"]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    (pickled_folder / "model.safetensors").write_bytes(bytes(data))
+    assert resolve(spec).provenance["weights_sha256"] != first
