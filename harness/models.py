@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.cache import atomic_directory, cache_root, file_lock
+from harness.cache import atomic_directory, cache_root, file_lock, manifest_problem, write_manifest
 from harness.config import AccuracyConfig, ModelSpec
 
 ARCH_DIR = Path(__file__).parent / "archs"
@@ -168,10 +168,17 @@ def synthetic_folder(arch: str, seed: int, log: Callable[[str], None] = print) -
     final = cache_root() / "synthetic" / f"{arch}-s{seed}-{key}"
     with file_lock(final.with_suffix(".lock")):
         if (final / "model.safetensors.index.json").is_file():
-            return final
+            problem = manifest_problem(final)
+            if problem == "no manifest":  # built before manifests: its files are what it has, from now on
+                write_manifest(final)
+                return final
+            if problem is None:
+                return final
+            log(f"cached synthetic weights {final} differ from when they were built ({problem}); rebuilding")
         log(f"building synthetic weights for {arch} (seed {seed}) in {final}")
         with atomic_directory(final) as tmp:
             _write_synthetic(config, seed, tmp, log)
+            write_manifest(tmp)
     return final
 
 

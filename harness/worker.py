@@ -184,7 +184,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
 
     if reference and reference["role"] == "compute":
         folder = reference_dir(cache_root(), key)
-        if not (folder / "key.json").is_file():
+        if not Reference.cached(folder):  # missing, or changed since it was saved
             model, _, _ = _load(method, resolved, device)
             collector = Collector()
             perplexity(lambda window: method.logits(model, window), ids, accuracy, [collector])

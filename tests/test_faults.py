@@ -3,6 +3,7 @@ a remedy works, and what the matrix or the command line gets wrong is refused be
 
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -419,3 +420,124 @@ def test_empty_safetensors_weights_are_refused_and_the_weights_hash_is_in_the_pr
     data[-1] ^= 1  # one bit of one weight
     (pickled_folder / "model.safetensors").write_bytes(bytes(data))
     assert resolve(spec).provenance["weights_sha256"] != first
+
+
+# ---- 3. cached artifacts are verified by content before a measured run uses them -------------------------------
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def overwrite_in_place(path: Path) -> bytes:
+    """Flip one byte near the end (behind any header), keeping the size and restoring the mtime; the old bytes."""
+    stat = path.stat()
+    data = path.read_bytes()
+    changed = bytearray(data)
+    changed[-3] ^= 0xFF
+    path.write_bytes(bytes(changed))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    return data
+
+
+def test_a_file_overwritten_in_place_with_its_mtime_restored_is_hashed_again(private_cache, tmp_path):
+    from harness.cache import file_sha256, sha256_file
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\0" * 4096)
+    before = file_sha256(path)
+    overwrite_in_place(path)
+    assert file_sha256(path) == sha256_file(path) != before
+
+
+def test_a_cached_gguf_overwritten_in_place_is_rebuilt(private_cache):
+    from harness.gguf import gguf_file
+    from harness.models import synthetic_folder
+
+    folder = synthetic_folder("tiny-test", 0, log=lambda message: None)
+    path = gguf_file(folder, "q8_0", log=lambda message: None)
+    good = overwrite_in_place(path)
+    logs = []
+    assert gguf_file(folder, "q8_0", log=logs.append) == path
+    assert any("unusable (sha256 differs from the one recorded at build time); rebuilding" in line for line in logs)
+    assert path.read_bytes() == good
+
+
+def test_cached_synthetic_weights_changed_behind_their_header_are_rebuilt(private_cache):
+    from harness.cache import MANIFEST
+    from harness.models import synthetic_folder
+
+    folder = synthetic_folder("tiny-test", 0, log=lambda message: None)
+    [shard] = folder.glob("model-*.safetensors")
+    good = overwrite_in_place(shard)
+    logs = []
+    assert synthetic_folder("tiny-test", 0, log=logs.append) == folder
+    assert any("differ from when they were built (the sha256 of model-00001.safetensors differs" in line
+               for line in logs), logs
+    assert shard.read_bytes() == good
+    (folder / MANIFEST).unlink()  # a cache built before manifests: recorded as it is, not rebuilt
+    logs.clear()
+    assert synthetic_folder("tiny-test", 0, log=logs.append) == folder and not logs
+    assert (folder / MANIFEST).is_file()
+
+
+def test_a_quantized_checkpoint_corrupted_behind_an_intact_header_is_rebuilt(private_cache):
+    from harness.cache import MANIFEST
+    from harness.models import synthetic_folder
+    from harness.quant import QuantSpec, quantized_folder
+
+    source = synthetic_folder("tiny-test", 0, log=lambda message: None)
+    spec = QuantSpec(format="gptq", quantizer="rtn", group_size=32, sym=True)
+    folder, built = quantized_folder(source, spec, None, "cpu", log=lambda message: None)
+    assert built["fresh"]
+    good = overwrite_in_place(folder / "model.safetensors")
+    logs = []
+    again, cached = quantized_folder(source, spec, None, "cpu", log=logs.append)
+    assert again == folder and cached["fresh"] and any("is unusable (the sha256 of model.safetensors" in line
+                                                       for line in logs), logs
+    assert (folder / "model.safetensors").read_bytes() == good
+    (folder / MANIFEST).unlink()  # built before manifests: its tensors check out, so it is recorded and used
+    assert not quantized_folder(source, spec, None, "cpu", log=lambda message: None)[1]["fresh"]
+    assert (folder / MANIFEST).is_file()
+
+
+def test_cached_reference_logits_that_changed_are_computed_again(private_cache, tmp_path):
+    import numpy as np
+
+    from harness.cache import MANIFEST
+    from harness.measure.divergence import Reference, ReferenceError
+
+    path = tmp_path / "reference"
+    key = {"model": "tiny"}
+    Reference(key, np.zeros((4, 2), dtype=np.int64), np.zeros((4, 2), dtype=np.float32),
+              np.ones(4)).save(path)
+    assert Reference.cached(path) and Reference.load(path, key).nll.sum() == 4
+    overwrite_in_place(path / "reference.npz")
+    assert not Reference.cached(path)  # the reference step computes it again
+    with pytest.raises(ReferenceError, match="the sha256 of reference.npz differs"):
+        Reference.load(path, key)
+    Reference(key, np.zeros((4, 2), dtype=np.int64), np.zeros((4, 2), dtype=np.float32), np.ones(4)).save(path)
+    (path / MANIFEST).unlink()  # saved before manifests: checked by loading, then recorded
+    assert Reference.cached(path) and (path / MANIFEST).is_file()
+
+
+def test_the_embedded_model_is_checked_against_its_recorded_hash(private_cache, tmp_path):
+    import hashlib
+
+    from harness import embedded
+    from harness.cache import MANIFEST, write_manifest
+
+    folder = tmp_path / "embedded"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights" * 100)
+    (folder / embedded.METADATA_FILE).write_text(json.dumps(
+        {"model_sha256": hashlib.sha256(b"weights" * 100).hexdigest()}))
+    assert embedded._changed(folder) is None and (folder / MANIFEST).is_file()  # an older build: recorded
+    overwrite_in_place(folder / "model.safetensors")
+    assert "the sha256 of model.safetensors differs" in embedded._changed(folder)
+    (folder / MANIFEST).unlink()
+    assert embedded._changed(folder) == "the sha256 of model.safetensors differs from its metadata's"
+    write_manifest(folder)
+    assert embedded._changed(folder) is None
