@@ -155,11 +155,15 @@ class _Reader:
     def number(self, value: Any, where: str, minimum: float | None = None) -> float:
         if not _is_number(value):
             self.fail(where, f"expected a number, got {_shown(value)}")
-        if not math.isfinite(value):
-            self.fail(where, f"expected a finite number, got {value}")
-        if minimum is not None and value < minimum:
-            self.fail(where, f"expected a number of at least {minimum}, got {value}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal beyond any float
+            number = math.inf if value > 0 else -math.inf
+        if not math.isfinite(number):
+            self.fail(where, f"expected a finite number, got {number}")
+        if minimum is not None and number < minimum:
+            self.fail(where, f"expected a number of at least {minimum}, got {number}")
+        return number
 
     def fields(self, data: dict[str, Any], where: str, schema: type) -> None:
         expected = schema.__required_keys__
@@ -354,6 +358,8 @@ class BaselineStore:
             raise UnreadableBaselineError(
                 f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; {remedy}", aside
             ) from None
+        except ValueError as exc:  # what the decoder refuses beyond its grammar: an integer of 4300+ digits
+            raise UnreadableBaselineError(f"{path}: not readable JSON ({exc}); {remedy}", aside) from None
         except BaselineError as exc:
             raise UnreadableBaselineError(f"{path}: {exc}; {remedy}", aside) from None
         try:

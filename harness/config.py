@@ -7,6 +7,7 @@ until the whole file is valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -224,6 +225,7 @@ _AT_LEAST = {
 
 def _dataclass_from(cls: type, data: dict[str, Any], where: str, base: Any = None) -> Any:
     """Build a frozen config dataclass from a TOML table, checking names and types."""
+    _check_type(where, data, dict)
     fields = _fields_of(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -236,6 +238,8 @@ def _dataclass_from(cls: type, data: dict[str, Any], where: str, base: Any = Non
             continue
         expected: type | tuple[type, ...] = (int, float) if f.type in ("float", float) else int
         _check_type(f"{where}.{name}", value, expected)
+        if value != value or value in (math.inf, -math.inf):  # NaN passes every comparison below
+            raise MatrixError(f"{where}.{name}: must be a finite number, got {value!r}")
         if value < 0 or (value == 0 and name not in ("warmup", "seed", "consistency_tokens")):
             raise MatrixError(f"{where}.{name}: must be positive, got {value!r}")
         if name in _AT_LEAST and value < _AT_LEAST[name][0]:
@@ -289,7 +293,7 @@ def _parse_method(name: str, data: Any, where: str) -> MethodSpec:
 def _names(where: str, value: Any, known: dict[str, Any], kind: str) -> tuple[str, ...]:
     _check_type(where, value, list)
     for i, item in enumerate(value):
-        if item not in known:
+        if not isinstance(item, str) or item not in known:
             raise MatrixError(f"{where}[{i}]: unknown {kind} {item!r}; known: {', '.join(sorted(known))}")
     return tuple(value)
 
@@ -301,13 +305,16 @@ def load_matrix(path: str | Path) -> Matrix:
         raise MatrixError(f"{path}: matrix file not found")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
+    except UnicodeDecodeError as exc:
+        raise MatrixError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:  # TOMLDecodeError, or an integer of 4300+ digits that the decoder refuses
         raise MatrixError(f"{path}: not valid TOML: {exc}") from None
     return parse_matrix(data, str(path))
 
 
 def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
     """Validate an already-parsed matrix table; `source` names it in errors."""
+    _check_type(f"{source}: top level", data, dict)
     allowed = {"run", "accuracy", "eval", "tolerances", "models", "methods", "suites"}
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -317,6 +324,8 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
     _check_accuracy(accuracy, f"{source}: accuracy")
     evaluation = _parse_eval(data.get("eval", {}), f"{source}: eval", EvalConfig())
 
+    for table in ("models", "methods", "suites"):
+        _check_type(f"{source}: {table}", data.get(table, {}), dict)
     models = {}
     for name, entry in data.get("models", {}).items():
         where = f"{source}: models.{name}"
@@ -351,7 +360,7 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
         if device not in ("cpu", "cuda"):
             raise MatrixError(f"{where}.device: expected 'cpu' or 'cuda', got {device!r}")
         reference = entry.get("reference")
-        if reference is not None and reference not in methods:
+        if reference is not None and (not isinstance(reference, str) or reference not in methods):
             raise MatrixError(f"{where}.reference: unknown method {reference!r}; known: {', '.join(sorted(methods))}")
         for kind in ("models", "methods"):
             if kind in entry and entry[kind] == []:

@@ -275,6 +275,9 @@ def test_a_baselines_folder_that_cannot_be_written_fails_each_test_once_measured
     (lambda t: t.replace("[accuracy]", '[accuracy]\ntext = "empty.txt"'), r"accuracy\.text: 'empty.txt' is empty"),
     (lambda t: t.replace("[accuracy]", '[accuracy]\ntext = "nope.txt"'),
      r"accuracy\.text: 'nope.txt' is neither a text file"),
+    (lambda t: t.replace("repeats = 3", "repeats = 3\ncell_timeout_s = nan"),
+     r"run\.cell_timeout_s: must be a finite number, got nan"),
+    (lambda t: t.replace('reference = "fp32"', 'reference = ["fp32"]'), r"suites\.cpu\.reference: unknown method"),
 ])
 def test_a_matrix_that_cannot_run_is_refused_by_file_and_field(tmp_path, monkeypatch, edit, message):
     monkeypatch.chdir(tmp_path)
