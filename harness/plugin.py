@@ -378,7 +378,6 @@ class QuantBench:
         """Append one process's outcome to the run's results file; `role` (prepare, process or recheck) lets
         `quantbench gate` and `import-results` pool the records as this run did (harness/results.read_run)."""
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-        self.written.add(cell.key)
         path = self.results_dir / f"{self.run_id}-{worker}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"schema_version": RESULTS_SCHEMA_VERSION, "cell": cell.key, "role": role, "status": outcome.status,
@@ -386,6 +385,7 @@ class QuantBench:
                   "results": [r.to_dict() for r in outcome.results]}
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        self.written.add(cell.key)
 
     # ---- the gate --------------------------------------------------------------------------------------
     def check(self, request: pytest.FixtureRequest, ref: CellRef, metrics: list[str],
