@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +34,13 @@ SCHEMA_VERSION = 1
 # A slug names a folder or a file: no separators, and no leading dot so it can never be `..` or hidden.
 _SLUG = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
-_REGENERATE = "fix it or regenerate it with --update-baselines"
+REPLACE_COMMAND = "pytest --update-baselines --replace-unreadable-baselines"
+
+
+def _remedy(path: Path, suffix: str) -> str:
+    """What to do about a baseline file that cannot be read: the command that moves it aside and records anew."""
+    return (f"fix it, or run `{REPLACE_COMMAND}` to move it aside to {path.name}{suffix} (kept beside it) "
+            "and record this run's cells in a new file")
 
 
 class FigureDict(TypedDict):
@@ -72,6 +79,21 @@ class BaselineFile(TypedDict):
 
 class BaselineError(Exception):
     """A baseline file (or a result about to become one) does not follow the schema."""
+
+
+class NewerSchemaError(BaselineError):
+    """A baseline file written by a newer quantbench: this one must not read or replace it."""
+
+
+class UnreadableBaselineError(BaselineError):
+    """A stored baseline file that cannot be read: malformed, invalid or of an older schema.
+
+    `aside` is where --replace-unreadable-baselines moves it before writing a new file.
+    """
+
+    def __init__(self, message: str, aside: Path) -> None:
+        super().__init__(message)
+        self.aside = aside
 
 
 def _check_slug(name: str, what: str) -> None:
@@ -133,11 +155,15 @@ class _Reader:
     def number(self, value: Any, where: str, minimum: float | None = None) -> float:
         if not _is_number(value):
             self.fail(where, f"expected a number, got {_shown(value)}")
-        if not math.isfinite(value):
-            self.fail(where, f"expected a finite number, got {value}")
-        if minimum is not None and value < minimum:
-            self.fail(where, f"expected a number of at least {minimum}, got {value}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal beyond any float
+            number = math.inf if value > 0 else -math.inf
+        if not math.isfinite(number):
+            self.fail(where, f"expected a finite number, got {number}")
+        if minimum is not None and number < minimum:
+            self.fail(where, f"expected a number of at least {minimum}, got {number}")
+        return number
 
     def fields(self, data: dict[str, Any], where: str, schema: type) -> None:
         expected = schema.__required_keys__
@@ -158,12 +184,11 @@ class _Reader:
         if isinstance(version, bool) or not isinstance(version, int):
             self.fail("schema_version", f"expected an integer, got {_shown(version)}")
         if version < SCHEMA_VERSION:
-            raise BaselineError(
+            raise UnreadableBaselineError(
                 f"schema_version {version} in {self.file}; this suite reads {SCHEMA_VERSION}; "
-                "regenerate it with --update-baselines"
-            )
+                + _remedy(self.file, f".v{version}"), self.file.with_name(f"{self.file.name}.v{version}"))
         if version > SCHEMA_VERSION:
-            raise BaselineError(
+            raise NewerSchemaError(
                 f"schema_version {version} in {self.file}; this suite reads {SCHEMA_VERSION}; "
                 "update quantbench to read it"
             )
@@ -208,19 +233,26 @@ class _Reader:
             if name not in METRICS:
                 known = ", ".join(sorted(METRICS))
                 self.fail(f"{where}.figures", f"unknown metric {name!r}; known metrics: {known}")
-            self.figure(figure, f"{where}.figures.{name}")
+            self.figure(figure, f"{where}.figures.{name}", name)
 
-    def figure(self, data: Any, where: str) -> None:
+    def figure(self, data: Any, where: str, name: str) -> None:
         data = self.mapping(data, where)
         self.fields(data, where, FigureDict)
-        self.number(data["value"], f"{where}.value")
+        self.measurement(data["value"], f"{where}.value", name)
         self.number(data["spread"], f"{where}.spread", minimum=0.0)
         self.integer(data["n"], f"{where}.n", 1)
         samples = data["samples"]
         if not isinstance(samples, list):
             self.fail(f"{where}.samples", f"expected a list of numbers, got {_shown(samples)}")
         for index, sample in enumerate(samples):
-            self.number(sample, f"{where}.samples[{index}]")
+            self.measurement(sample, f"{where}.samples[{index}]", name)
+
+    def measurement(self, value: Any, where: str, name: str) -> None:
+        """A figure's value or sample: a finite number inside the metric's range (a negative speed would pass
+        every check as an improvement)."""
+        problem = metric_spec(name).range_problem(self.number(value, where))
+        if problem:
+            self.fail(where, problem)
 
 
 class BaselineStore:
@@ -255,14 +287,17 @@ class BaselineStore:
         """The stored baseline of `cell` on `hardware_key`, or None when it has none."""
         return self.load(hardware_key, cell.model).get(cell.id)
 
-    def merge(self, hardware_key: str, results: Iterable[CellResult], pool: bool = False) -> list[Path]:
+    def merge(self, hardware_key: str, results: Iterable[CellResult], pool: bool = False,
+              replace_unreadable: bool = False, log: Callable[[str], None] = print) -> list[Path]:
         """Store `results` as the baselines of their cells on `hardware_key`; return the files written.
 
         A stored cell is replaced whole, or with `pool` its repeated figures take the stored samples too
         (`pool_with_baseline`); every other cell, model and hardware key is kept as it was. Cells with an
         error are not stored (their figures are no baseline); callers find them by `result.error`. Every
         file is read and checked before any is written, so an invalid file or result, or a stored cell that
-        cannot be pooled, raises BaselineError and leaves the disk as it was.
+        cannot be pooled, raises BaselineError and leaves the disk as it was. With `replace_unreadable`, a
+        file that cannot be read (UnreadableBaselineError) is moved aside to its `aside` name instead, `log`
+        says where, and a new file holds the given cells.
         """
         _check_slug(hardware_key, "hardware key")
         by_model: dict[str, dict[str, CellResult]] = {}
@@ -277,9 +312,17 @@ class BaselineStore:
         # files, and a read-modify-write without it loses cells.
         with file_lock(self.root / ".lock"):
             texts: dict[Path, str] = {}
+            asides: dict[Path, tuple[Path, str]] = {}
             for model, cells in sorted(by_model.items()):
                 path = self.path(hardware_key, model)
-                document = self._read(hardware_key, model) or BaselineFile(
+                try:
+                    stored = self._read(hardware_key, model)
+                except UnreadableBaselineError as exc:
+                    if not replace_unreadable:
+                        raise
+                    asides[path] = (_free_name(exc.aside), str(exc).split("; ")[0])
+                    stored = None
+                document = stored or BaselineFile(
                     schema_version=SCHEMA_VERSION, hardware_key=hardware_key, model=model, cells={}
                 )
                 for key, result in cells.items():
@@ -292,6 +335,9 @@ class BaselineStore:
                     document["cells"][key] = _stored_cell(path, result,
                                                           result.details.get("measured_at") or recorded_at)
                 texts[path] = json.dumps(document, sort_keys=True, indent=2, allow_nan=False) + "\n"
+            for path, (aside, why) in asides.items():
+                os.replace(path, aside)
+                log(f"{path} could not be read ({why}); moved aside to {aside}, and a new file records this run")
             for path, text in texts.items():
                 atomic_write_text(path, text)
         return list(texts)
@@ -302,19 +348,35 @@ class BaselineStore:
             raw = path.read_bytes()
         except FileNotFoundError:
             return None
+        remedy, aside = _remedy(path, ".corrupt"), path.with_name(f"{path.name}.corrupt")
         try:
             data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
         except UnicodeDecodeError as exc:
-            raise BaselineError(
-                f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); {_REGENERATE}"
-            ) from None
+            raise UnreadableBaselineError(
+                f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); {remedy}", aside) from None
         except json.JSONDecodeError as exc:
-            raise BaselineError(
-                f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; {_REGENERATE}"
+            raise UnreadableBaselineError(
+                f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; {remedy}", aside
             ) from None
+        except ValueError as exc:  # what the decoder refuses beyond its grammar: an integer of 4300+ digits
+            raise UnreadableBaselineError(f"{path}: not readable JSON ({exc}); {remedy}", aside) from None
         except BaselineError as exc:
-            raise BaselineError(f"{path}: {exc}; {_REGENERATE}") from None
-        return _Reader(path, _REGENERATE).document(data, hardware_key, model)
+            raise UnreadableBaselineError(f"{path}: {exc}; {remedy}", aside) from None
+        try:
+            return _Reader(path, remedy).document(data, hardware_key, model)
+        except (UnreadableBaselineError, NewerSchemaError):  # a newer schema is no damage: a newer suite reads it
+            raise
+        except BaselineError as exc:
+            raise UnreadableBaselineError(str(exc), aside) from None
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2` ... : the first that does not exist, so an earlier file set aside is kept."""
+    candidate, number = path, 0
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
 
 
 def _run_of(cell: CellResult) -> dict[str, Any]:
@@ -412,8 +474,13 @@ class Tolerances:
         return cls(metric_overrides=metric_overrides, method_overrides=method_overrides,
                    noise_sigmas=noise_sigmas)
 
-    def with_cli(self, specs: list[str]) -> Tolerances:
-        """These tolerances with `--tolerance` specs applied in order: `metric=0.1` or `method:metric=0.1`."""
+    def with_cli(self, specs: list[str], methods: Iterable[str] | None = None) -> Tolerances:
+        """These tolerances with `--tolerance` specs applied in order: `metric=0.1` or `method:metric=0.1`.
+
+        With `methods` (the matrix's), a spec naming any other method is refused, as the matrix's own table
+        refuses one: a typo would otherwise leave the tolerance it meant to change as it was.
+        """
+        known = None if methods is None else sorted(methods)
         metric_overrides = dict(self.metric_overrides)
         method_overrides = {method: dict(table) for method, table in self.method_overrides.items()}
         for spec in specs:
@@ -429,6 +496,8 @@ class Tolerances:
                 number: Any = float(value)
             except ValueError:
                 number = value
+            if colon and known is not None and method not in known:
+                raise ValueError(f"{source}: unknown method {method!r}; known: {', '.join(known)}")
             if colon:
                 method_overrides.setdefault(method, {})[name] = _tolerance(number, source, target, name)
             else:
@@ -488,7 +557,9 @@ class Verdict:
         else:  # no relative change from zero: say how far, in the metric's unit
             amount = f"by {_number(abs(self.measured - self.baseline))}{suffix}"
             noise = f"{_number(self.noise_abs)}{suffix}"
-        if self.regressed and self.metric in METRICS and METRICS[self.metric].exact:
+        if not math.isfinite(self.measured) or not math.isfinite(self.baseline):
+            outcome = "is not a finite number"
+        elif self.regressed and self.metric in METRICS and METRICS[self.metric].exact:
             outcome = "changed (an exact figure: any change fails)"
         elif self.regressed:
             outcome = f"regressed {amount}"
@@ -532,9 +603,15 @@ class RelativeNoiseAwareRule:
     def check(
         self, cell_id: str, metric: str, baseline: Figure, measured: Figure, tolerance: float
     ) -> Verdict:
-        """Compare `measured` with `baseline` under a relative `tolerance` and the measured noise."""
-        difference = measured.value - baseline.value
+        """Compare `measured` with `baseline` under a relative `tolerance` and the measured noise.
+
+        A figure that is not finite regressed, whatever its direction: NaN compares false with everything and
+        would otherwise pass as "within noise".
+        """
         spec = metric_spec(metric)
+        if not (measured.finite and baseline.finite):
+            return Verdict(cell_id, metric, baseline.value, measured.value, math.inf, tolerance, 0.0, True)
+        difference = measured.value - baseline.value
         # a metric's floor is the smallest change its measurement resolves: below it, a change is noise
         spread_noise = self.noise_sigmas * math.hypot(baseline.spread, measured.spread)
         noise = max(spread_noise, spec.floor)

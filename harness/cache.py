@@ -76,12 +76,18 @@ def sha256_file(path: Path) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, remembered per (path, size, mtime) in the cache so big files hash once."""
+    """sha256 of a file's bytes, remembered per (path, size, mtime, ctime, inode) in the cache so big files hash
+    once.
+
+    Any write to a file, and any reset of its mtime (os.utime), moves its ctime, which no user can set back:
+    a file overwritten in place with its size and mtime restored is hashed again. Entries of an older index
+    (size and mtime only) no longer match and are hashed again too.
+    """
     path = Path(path).resolve()
     stat = path.stat()
     index = cache_root() / "file-hashes.json"
     entry_key = str(path)
-    fingerprint = [stat.st_size, stat.st_mtime_ns]
+    fingerprint = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
     with file_lock(index.with_suffix(".lock")):
         known = json.loads(index.read_text()) if index.is_file() else {}
         entry = known.get(entry_key)
@@ -93,3 +99,35 @@ def file_sha256(path: Path) -> str:
         known[entry_key] = {"fingerprint": fingerprint, "sha256": digest}
         atomic_write_text(index, json.dumps(known, indent=1, sort_keys=True))
     return digest
+
+
+MANIFEST = "quantbench-manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the sha256 of every file in a built cache folder, in its manifest, to check before each use."""
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    atomic_write_text(folder / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """Why a cache folder's files differ from its manifest (None: they match); "no manifest" for a folder
+    built before manifests, which a caller checks some other way and then records (`write_manifest`)."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return "no manifest"
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"unreadable manifest ({exc})"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} is {path.stat().st_size} bytes, {entry['size']} when built"
+        if file_sha256(path) != entry["sha256"]:
+            return f"the sha256 of {name} differs from the one recorded when it was built"
+    return None

@@ -7,6 +7,7 @@ until the whole file is valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -91,6 +92,7 @@ class ModelSpec:
     hub_id: str | None = None  # hub: a model id, resolved through the Hugging Face cache
     revision: str | None = None  # hub: a branch, tag or commit
     slow: bool = False  # marks its cells `slow`
+    pickle_weights: bool = False  # local, hub: let pickle weights (*.bin) load; a pickle can run code when loaded
 
     @property
     def synthetic(self) -> bool:
@@ -162,7 +164,13 @@ class Matrix:
         """All (suite, method, model) cells, narrowed by the command-line filters."""
         want_models = self._check_names("--models", models, self.models)
         want_methods = self._check_names("--methods", methods, self.methods)
-        want_batches = set(batch_sizes) if batch_sizes else None
+        want_batches = set(batch_sizes) if batch_sizes is not None else None
+        if want_batches is not None:
+            known = sorted({b for suite in self.suites.values() for b in suite.batch_sizes})
+            unknown = sorted(want_batches - set(known)) or ([] if want_batches else ["(none)"])
+            if unknown:
+                raise MatrixError(f"--batch-sizes: {', '.join(map(str, unknown))} in no suite of {self.path}; "
+                                  f"its batch sizes: {', '.join(map(str, known))}")
         cells = []
         for suite in self.suites.values():
             sizes = tuple(b for b in suite.batch_sizes if want_batches is None or b in want_batches)
@@ -175,6 +183,9 @@ class Matrix:
                     if want_models is not None and model not in want_models:
                         continue
                     cells.append(Cell(suite, self.methods[method], self.models[model], sizes))
+        if not cells:
+            raise MatrixError(f"--models, --methods and --batch-sizes together select no cell of {self.path}: "
+                              "no suite has that combination")
         return cells
 
     def _check_names(self, option: str, names: Iterable[str] | None, known: dict[str, Any]) -> set[str] | None:
@@ -205,8 +216,16 @@ def _type_name(expected: type | tuple[type, ...]) -> str:
     return " or ".join(t.__name__ for t in types)
 
 
+# fields whose smallest useful value is more than 1: (minimum, why)
+_AT_LEAST = {
+    "new_tokens": (2, "decode throughput is timed from the first new token to the last"),
+    "context_tokens": (2, "a window scores every token after its first"),
+}
+
+
 def _dataclass_from(cls: type, data: dict[str, Any], where: str, base: Any = None) -> Any:
     """Build a frozen config dataclass from a TOML table, checking names and types."""
+    _check_type(where, data, dict)
     fields = _fields_of(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -219,8 +238,13 @@ def _dataclass_from(cls: type, data: dict[str, Any], where: str, base: Any = Non
             continue
         expected: type | tuple[type, ...] = (int, float) if f.type in ("float", float) else int
         _check_type(f"{where}.{name}", value, expected)
+        if value != value or value in (math.inf, -math.inf):  # NaN passes every comparison below
+            raise MatrixError(f"{where}.{name}: must be a finite number, got {value!r}")
         if value < 0 or (value == 0 and name not in ("warmup", "seed", "consistency_tokens")):
             raise MatrixError(f"{where}.{name}: must be positive, got {value!r}")
+        if name in _AT_LEAST and value < _AT_LEAST[name][0]:
+            raise MatrixError(f"{where}.{name}: must be at least {_AT_LEAST[name][0]} ({_AT_LEAST[name][1]}), "
+                              f"got {value!r}")
         values[name] = value
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
@@ -246,8 +270,9 @@ def _parse_model(name: str, data: Any, where: str) -> ModelSpec:
             _check_type(f"{where}.{key}", data[key], str)
     if "seed" in data:
         _check_type(f"{where}.seed", data["seed"], int)
-    if "slow" in data:
-        _check_type(f"{where}.slow", data["slow"], bool)
+    for key in ("slow", "pickle_weights"):
+        if key in data:
+            _check_type(f"{where}.{key}", data[key], bool)
     return ModelSpec(name=name, **data)
 
 
@@ -268,7 +293,7 @@ def _parse_method(name: str, data: Any, where: str) -> MethodSpec:
 def _names(where: str, value: Any, known: dict[str, Any], kind: str) -> tuple[str, ...]:
     _check_type(where, value, list)
     for i, item in enumerate(value):
-        if item not in known:
+        if not isinstance(item, str) or item not in known:
             raise MatrixError(f"{where}[{i}]: unknown {kind} {item!r}; known: {', '.join(sorted(known))}")
     return tuple(value)
 
@@ -280,23 +305,27 @@ def load_matrix(path: str | Path) -> Matrix:
         raise MatrixError(f"{path}: matrix file not found")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
+    except UnicodeDecodeError as exc:
+        raise MatrixError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:  # TOMLDecodeError, or an integer of 4300+ digits that the decoder refuses
         raise MatrixError(f"{path}: not valid TOML: {exc}") from None
     return parse_matrix(data, str(path))
 
 
 def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
     """Validate an already-parsed matrix table; `source` names it in errors."""
+    _check_type(f"{source}: top level", data, dict)
     allowed = {"run", "accuracy", "eval", "tolerances", "models", "methods", "suites"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise MatrixError(f"{source}: {unknown[0]}: unknown table; known: {', '.join(sorted(allowed))}")
     run = _dataclass_from(RunConfig, data.get("run", {}), f"{source}: run")
     accuracy = _dataclass_from(AccuracyConfig, data.get("accuracy", {}), f"{source}: accuracy")
-    if accuracy.stride > accuracy.context_tokens:
-        raise MatrixError(f"{source}: accuracy.stride: must not exceed accuracy.context_tokens")
+    _check_accuracy(accuracy, f"{source}: accuracy")
     evaluation = _parse_eval(data.get("eval", {}), f"{source}: eval", EvalConfig())
 
+    for table in ("models", "methods", "suites"):
+        _check_type(f"{source}: {table}", data.get(table, {}), dict)
     models = {}
     for name, entry in data.get("models", {}).items():
         where = f"{source}: models.{name}"
@@ -331,8 +360,13 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
         if device not in ("cpu", "cuda"):
             raise MatrixError(f"{where}.device: expected 'cpu' or 'cuda', got {device!r}")
         reference = entry.get("reference")
-        if reference is not None and reference not in methods:
+        if reference is not None and (not isinstance(reference, str) or reference not in methods):
             raise MatrixError(f"{where}.reference: unknown method {reference!r}; known: {', '.join(sorted(methods))}")
+        for kind in ("models", "methods"):
+            if kind in entry and entry[kind] == []:
+                raise MatrixError(f"{where}.{kind}: empty; a suite needs at least one (or leave the suite out)")
+            if kind not in entry:
+                raise MatrixError(f"{where}.{kind}: required, the list of the suite's {kind}")
         suite_tolerances = entry.get("tolerances", {})
         _check_tolerances(suite_tolerances, f"{where}.tolerances", methods)
         suites[name] = Suite(
@@ -341,7 +375,8 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
             methods=_names(f"{where}.methods", entry.get("methods", []), methods, "method"),
             batch_sizes=tuple(batch_sizes),
             run=_dataclass_from(RunConfig, entry.get("run", {}), f"{where}.run", base=run),
-            accuracy=_dataclass_from(AccuracyConfig, entry.get("accuracy", {}), f"{where}.accuracy", base=accuracy),
+            accuracy=_check_accuracy(_dataclass_from(AccuracyConfig, entry.get("accuracy", {}), f"{where}.accuracy",
+                                                     base=accuracy), f"{where}.accuracy"),
             tolerances=_merge_tolerances(tolerances, suite_tolerances),
             device=device,
             reference=reference,
@@ -350,6 +385,25 @@ def parse_matrix(data: dict[str, Any], source: str) -> Matrix:
     if not suites:
         raise MatrixError(f"{source}: suites: at least one suite is needed (e.g. [suites.cpu])")
     return Matrix(Path(source), models, methods, suites, tolerances)
+
+
+def _check_accuracy(accuracy: AccuracyConfig, where: str) -> AccuracyConfig:
+    """The perplexity protocol's fields together: a stride within a window, and a text file that has text.
+
+    How many tokens a text gives needs the model's tokenizer: a text too short for one window is refused
+    with the counts by the worker that prepares the model (harness/models.py eval_ids), before any measurement.
+    """
+    if accuracy.stride > accuracy.context_tokens:
+        raise MatrixError(f"{where}.stride: must not exceed {where.rsplit(': ', 1)[-1]}.context_tokens")
+    text = accuracy.text
+    if text is not None and not text.startswith("datasets:"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise MatrixError(f"{where}.text: {text!r} is neither a text file nor datasets:NAME[:CONFIG[:SPLIT]]")
+        if not path.read_text(encoding="utf-8", errors="replace").strip():
+            raise MatrixError(f"{where}.text: {text!r} is empty; perplexity needs at least one window of "
+                              "evaluation tokens")
+    return accuracy
 
 
 def _check_tolerances(data: Any, where: str, methods: dict[str, MethodSpec]) -> None:

@@ -26,7 +26,15 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import generate_merges
 
-from harness.cache import atomic_directory, atomic_write_text, cache_root, file_lock
+from harness.cache import (
+    atomic_directory,
+    atomic_write_text,
+    cache_root,
+    file_lock,
+    manifest_problem,
+    sha256_file,
+    write_manifest,
+)
 from harness.corpus import corpus_sha256, split
 
 # Llama's special ids, which GGUF converters and runtimes assume for a SentencePiece vocabulary.
@@ -98,18 +106,35 @@ def build(
     """
     key = recipe_key(recipe)
     final = (cache_dir or cache_root()) / "embedded" / key
-    if _is_complete(final):
-        log(f"embedded model {key}: cached at {final}")
-        return final
     with file_lock(final.parent / f".{key}.lock"):
         # Another process may have finished this build while we waited for the lock.
         if _is_complete(final):
-            log(f"embedded model {key}: built by another process at {final}")
-            return final
+            problem = _changed(final)
+            if problem is None:
+                log(f"embedded model {key}: cached at {final}")
+                return final
+            log(f"embedded model {key}: cached folder {final} differs from when it was built ({problem}); "
+                "training it again")
         log(f"embedded model {key}: training into {final}")
         with atomic_directory(final) as folder:
             _build_into(folder, recipe, key, log)
+            write_manifest(folder)
     return final
+
+
+def _changed(folder: Path) -> str | None:
+    """How a complete cached folder differs from its manifest (None: not at all).
+
+    A folder built before manifests is checked against the weights' sha256 in its metadata, then recorded.
+    """
+    problem = manifest_problem(folder)
+    if problem == "no manifest":
+        recorded = json.loads((folder / METADATA_FILE).read_text()).get("model_sha256")
+        if sha256_file(folder / "model.safetensors") != recorded:
+            return "the sha256 of model.safetensors differs from its metadata's"
+        write_manifest(folder)
+        return None
+    return problem
 
 
 def heldout_perplexity(

@@ -22,7 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from harness.cache import atomic_write_text, cache_root, file_lock, file_sha256, sha256_file
+from harness.cache import atomic_write_text, cache_root, file_lock, file_sha256
 
 CONVERTER_FORMAT = "v1"  # bump when the converter's output changes: cached files then miss
 GGUF_MAGIC = b"GGUF"
@@ -348,8 +348,8 @@ def _problem(path: Path) -> str | None:
     stat = path.stat()
     if stat.st_size != side["size"]:
         return f"size {stat.st_size} bytes, expected {side['size']}"
-    # an unchanged mtime means unchanged bytes (the file is only ever replaced by a rename): skip rehashing
-    if stat.st_mtime_ns != side["mtime_ns"] and sha256_file(path) != side["sha256"]:
+    # hashed again whenever the file was touched (cache.file_sha256): an unchanged mtime proves nothing
+    if file_sha256(path) != side["sha256"]:
         return "sha256 differs from the one recorded at build time"
     return None
 
@@ -402,7 +402,7 @@ def gguf_file(hf_folder: Path, qtype: str, log: Log = print) -> Path:
             timings = {"convert_s": read_sidecar(f16)["convert_s"], "quantize_s": time.perf_counter() - started}
         stat = final.stat()
         sidecar = {"qtype": qtype, "source": str(hf_folder.resolve()), "vocab": vocab_kind(hf_folder),
-                   "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(final),
+                   "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(final),
                    "format": CONVERTER_FORMAT, "versions": library_versions(), **timings}
         atomic_write_text(sidecar_path(final), json.dumps(sidecar, indent=1, sort_keys=True))
         log(f"GGUF {qtype}: {final} ({stat.st_size / 2**20:.1f} MiB), convert {timings['convert_s']:.1f} s, "

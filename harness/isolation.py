@@ -6,6 +6,7 @@ it died is kept; the batch sizes it never reached get an error naming what happe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +34,8 @@ class Outcome:
     log_tail: str = ""
     wall_s: float = 0.0
     prepared: dict[str, Any] | None = None  # a prepare job's record of what it built
+    store_error: str | None = None  # the worker measured, but its figures could not become baselines
+    notes: list[str] = field(default_factory=list)  # what storing its figures did besides (a file moved aside)
 
     def result(self, batch_size: int | None) -> CellResult | None:
         """The result of one batch size (None: the per-model figures), if the worker produced it."""
@@ -86,7 +89,9 @@ def run_isolated(job: dict[str, Any], timeout_s: float, env: dict[str, str] | No
                 timed_out = False
             except subprocess.TimeoutExpired:
                 _dump_stacks(process)
-                os.killpg(process.pid, signal.SIGKILL)
+                # a worker that exits while it writes its stacks leaves no group to kill
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
                 returncode = process.wait()
                 timed_out = True
         wall = time.perf_counter() - start

@@ -7,12 +7,17 @@ matrix file or on the command line.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """What one metric is: its unit, its direction and its default relative tolerance."""
+    """What one metric is: its unit, its direction, its default relative tolerance and its valid range.
+
+    Every figure is a count, a rate, a size, a time or a fraction: none is negative, fractions do not exceed
+    1 and a perplexity is at least 1. A value outside [minimum, maximum], or not finite, is no measurement.
+    """
 
     name: str
     unit: str
@@ -21,6 +26,17 @@ class MetricSpec:
     help: str
     floor: float = 0.0  # changes smaller than this (in the metric's unit) are below what one measurement resolves
     exact: bool = False  # a count that is deterministic: any change either way fails (tolerance unused)
+    minimum: float = 0.0
+    maximum: float = math.inf
+
+    def range_problem(self, value: float) -> str | None:
+        """Why `value` cannot be a figure of this metric (not finite, or outside its range); None when it can."""
+        if not math.isfinite(value):
+            return f"{value} is not a finite number"
+        if not self.minimum <= value <= self.maximum:
+            upper = "" if math.isinf(self.maximum) else f" to {self.maximum:g}"
+            return f"{value!r} is outside the range of {self.name} ({self.minimum:g}{upper})"
+        return None
 
 
 TASK_PREFIX = "task:"  # lm-eval figures: task:<task>:<metric>, e.g. task:quantbench_word_order:acc
@@ -32,6 +48,7 @@ class _Metrics(dict):
     def __missing__(self, name: str) -> MetricSpec:
         if isinstance(name, str) and name.startswith(TASK_PREFIX) and name.count(":") == 2 \
                 and all(name.split(":")[1:]):
+            # a task metric may be an accuracy or a perplexity: only its sign is known
             return MetricSpec(name, "", True, 0.02, "lm-eval task metric on the loaded model", floor=0.01)
         raise KeyError(name)
 
@@ -62,9 +79,10 @@ METRICS: dict[str, MetricSpec] = _Metrics({
         MetricSpec("decode_kernels_per_step", "kernels", False, 0.0,
                    "kernels one decode step launches (one profiled step); a fallback kernel changes it", exact=True),
         # generate()'s decode step less the device's: the host's share, which a transformers release can move
+        # a difference of two timings: where generate() runs the same graph as fast, noise can make it negative
         MetricSpec("host_overhead_ms_per_token", "ms", False, 0.50,
                    "generate()'s time per decode step (one new token per row) minus the device's step time",
-                   floor=0.05),
+                   floor=0.05, minimum=-math.inf),
         MetricSpec("peak_vram_mib", "MiB", False, 0.05,
                    "torch max allocated on the device while the batch ran (weights, KV cache, activations)"),
         MetricSpec("peak_nvml_mib", "MiB", False, 0.05,
@@ -84,14 +102,14 @@ METRICS: dict[str, MetricSpec] = _Metrics({
                    floor=64.0),
         MetricSpec("quantize_peak_anon_rss_mib", "MiB", False, 0.25,
                    "peak anonymous resident memory while quantizing on the CPU", floor=64.0),
-        MetricSpec("ppl", "", False, 0.01, "token-level perplexity on the held-out evaluation tokens"),
+        MetricSpec("ppl", "", False, 0.01, "token-level perplexity on the held-out evaluation tokens", minimum=1.0),
         MetricSpec("ppl_ratio", "", False, 0.01, "PPL(method) / PPL(reference) on the same ids"),
         MetricSpec("kld_mean", "nats", False, 0.10,
                    "mean KL(reference || method) per scored token (top-k + rest bucket)", floor=1e-4),
         MetricSpec("kld_p99", "nats", False, 0.10, "99th percentile of the per-token KL divergence", floor=1e-3),
         MetricSpec("kld_max", "nats", False, 0.25, "largest per-token KL divergence", floor=1e-2),
         MetricSpec("top1_agreement", "", True, 0.01,
-                   "share of positions where method and reference pick the same top token"),
+                   "share of positions where method and reference pick the same top token", maximum=1.0),
     )
 })
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.cache import atomic_directory, cache_root, file_lock
+from harness.cache import atomic_directory, cache_root, file_lock, manifest_problem, write_manifest
 from harness.config import AccuracyConfig, ModelSpec
 
 ARCH_DIR = Path(__file__).parent / "archs"
@@ -79,12 +79,12 @@ def resolve(spec: ModelSpec, log: Callable[[str], None] = print) -> ResolvedMode
             raise ModelError(f"model {spec.name!r}: path {str(folder)!r} is not a folder")
         if not (folder / "config.json").is_file():
             raise ModelError(f"model {spec.name!r}: {folder} has no config.json; is it a Hugging Face model folder?")
-        if not any(folder.glob("*.safetensors")):
-            raise ModelError(f"model {spec.name!r}: {folder} holds no *.safetensors weights")
+        weights = local_weights(folder, spec)
         config = json.loads((folder / "config.json").read_text())
         return ResolvedModel(spec.name, str(folder), _has_tokenizer(folder), False, config.get("vocab_size", 0),
                              {"source": "local", "folder": str(folder.resolve()),
-                              "config_sha256": _sha256((folder / "config.json").read_bytes())})
+                              "config_sha256": _sha256((folder / "config.json").read_bytes()),
+                              "weights_sha256": weights_digest(weights)})
     if spec.source == "hub":
         from transformers import AutoConfig
 
@@ -97,6 +97,55 @@ def resolve(spec: ModelSpec, log: Callable[[str], None] = print) -> ResolvedMode
         return ResolvedModel(spec.name, spec.hub_id or "", True, False, config.vocab_size,
                              {"source": "hub", "hub_id": spec.hub_id, "revision": spec.revision})
     raise ModelError(f"model {spec.name!r}: unknown source {spec.source!r}")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def local_weights(folder: Path, spec: ModelSpec) -> list[Path]:
+    """The weight files `from_pretrained` will load from a local folder, checked: safetensors unless the matrix
+    opts in to pickles by name (`pickle_weights = true`).
+
+    The safetensors files are the ones transformers reads (`model.safetensors`, or the shards its index
+    names), each with a readable header; any other `*.safetensors` beside a pickle proves nothing. A pickle
+    weight file in the folder is refused even beside safetensors weights, since a fallback would load it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()
+                     and not p.name.startswith(("training_args", "optimizer", "scheduler", "rng_state")))
+    if pickles and not spec.pickle_weights:
+        raise ModelError(f"model {spec.name!r}: {folder} holds pickle weights ({', '.join(p.name for p in pickles)}), "
+                         "which can run code when loaded; convert them to safetensors, or set "
+                         f"pickle_weights = true in [models.{spec.name}] to load them anyway")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"model {spec.name!r}: {index} is not a safetensors index ({exc})") from None
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    elif pickles:
+        return pickles
+    else:
+        raise ModelError(f"model {spec.name!r}: {folder} holds no *.safetensors weights that transformers loads "
+                         "(model.safetensors, or the shards model.safetensors.index.json names)")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="np") as handle:
+                if not list(handle.keys()):
+                    raise ModelError(f"model {spec.name!r}: {file} holds no tensors")
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"model {spec.name!r}: {file} is not a readable safetensors file ({exc})") from None
+    return files
+
+
+def weights_digest(files: list[Path]) -> str:
+    """sha256 over the weight files' own sha256s (by name): which weights a figure was measured on."""
+    from harness.cache import file_sha256
+
+    return _sha256(json.dumps({f.name: file_sha256(f) for f in files}, sort_keys=True).encode())
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -119,10 +168,17 @@ def synthetic_folder(arch: str, seed: int, log: Callable[[str], None] = print) -
     final = cache_root() / "synthetic" / f"{arch}-s{seed}-{key}"
     with file_lock(final.with_suffix(".lock")):
         if (final / "model.safetensors.index.json").is_file():
-            return final
+            problem = manifest_problem(final)
+            if problem == "no manifest":  # built before manifests: its files are what it has, from now on
+                write_manifest(final)
+                return final
+            if problem is None:
+                return final
+            log(f"cached synthetic weights {final} differ from when they were built ({problem}); rebuilding")
         log(f"building synthetic weights for {arch} (seed {seed}) in {final}")
         with atomic_directory(final) as tmp:
             _write_synthetic(config, seed, tmp, log)
+            write_manifest(tmp)
     return final
 
 
@@ -201,9 +257,18 @@ def eval_ids(model: ResolvedModel, tokenizer: Any, accuracy: AccuracyConfig, see
         low = min(3, model.vocab_size - 1)
         return torch.randint(low, model.vocab_size, (accuracy.max_eval_tokens,), generator=generator).tolist()
     if accuracy.text:
-        return list(tokenizer(evaluation_text(accuracy.text), add_special_tokens=True)["input_ids"])[
-            : accuracy.max_eval_tokens]
-    return heldout_ids(tokenizer)[: accuracy.max_eval_tokens]
+        ids, field = list(tokenizer(evaluation_text(accuracy.text), add_special_tokens=True)["input_ids"]), \
+            f"accuracy.text {accuracy.text!r}"
+    else:
+        ids, field = heldout_ids(tokenizer), "the corpus's held-out text"
+    # one full window, or all of max_eval_tokens where that is less: a shorter text gives a perplexity over a
+    # handful of tokens (ppl 522 +- 460 over 13), or none
+    needed = min(accuracy.context_tokens, accuracy.max_eval_tokens)
+    if len(ids) < needed:
+        raise ModelError(f"{field} gives {len(ids)} evaluation tokens; one window needs {needed} "
+                         f"(accuracy.context_tokens = {accuracy.context_tokens}, accuracy.max_eval_tokens = "
+                         f"{accuracy.max_eval_tokens}): use a longer text or a smaller accuracy.context_tokens")
+    return ids[: accuracy.max_eval_tokens]
 
 
 def evaluation_text(source: str) -> str:

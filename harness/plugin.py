@@ -37,7 +37,7 @@ from harness.hardware import cpu_share_env, gpu_info, hardware_key, worker_cpu_s
 from harness.isolation import Outcome, run_isolated
 from harness.methods import BACKENDS, Method, method_class
 from harness.metrics import DEVICE_METRICS, TASK_PREFIX
-from harness.results import CellResult, cell_id
+from harness.results import CellResult, cell_id, json_safe
 
 RESULTS_SCHEMA_VERSION = 1
 DEFAULT_MATRIX = Path("benchmarks") / "matrix.toml"
@@ -63,6 +63,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--pool-baselines", action="store_true",
                     help="with --update-baselines: pool each repeated figure's samples with the stored "
                          "baseline's instead of replacing it (baselines spanning several runners or days)")
+    group.addoption("--replace-unreadable-baselines", action="store_true",
+                    help="with --update-baselines: move a baseline file that cannot be read (malformed, or of an "
+                         "older schema) aside to <file>.corrupt or <file>.v<N> and record this run in a new one")
     group.addoption("--strict-baselines", action="store_true", help="fail cells that have no baseline")
     group.addoption("--recheck", action="store_true",
                     help="measure a cell again when a figure with repeats regresses, and gate the pooled "
@@ -116,6 +119,13 @@ class CellRef:
         return cell_id(self.cell.method.name, self.cell.model.name, self.batch_size)
 
 
+def new_run_id() -> str:
+    """A run's id: its UTC start to the microsecond and its process id, so ids sort by start time and two runs
+    started in the same second (or microsecond, on one host) never share a results file or a summary."""
+    now = time.time()
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}.{int(now % 1 * 1e6):06d}Z-p{os.getpid()}"
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -145,6 +155,10 @@ class QuantBench:
         if self.pool_baselines and not self.update:
             raise pytest.UsageError("--pool-baselines pools this run into the stored baselines: it needs "
                                     "--update-baselines")
+        self.replace_unreadable = option("--replace-unreadable-baselines")
+        if self.replace_unreadable and not self.update:
+            raise pytest.UsageError("--replace-unreadable-baselines replaces unreadable baseline files with this "
+                                    "run's: it needs --update-baselines")
         self.fail_unresolved = option("--fail-unresolved")
         self.delay_ms = option("--inject-decode-delay-ms")
         self.processes = option("--processes")
@@ -156,8 +170,10 @@ class QuantBench:
         if self.update and (self.delay_ms or self.device_slowdown):
             raise pytest.UsageError("--inject-decode-delay-ms and --inject-device-slowdown make cells slower on "
                                     "purpose; they cannot be combined with --update-baselines")
-        self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        # an xdist worker writes under its controller's id (handed over in pytest_configure_node)
+        self.run_id = (getattr(config, "workerinput", None) or {}).get("quantbench_run_id") or new_run_id()
         self.outcomes: dict[str, Outcome] = {}
+        self.written: set[str] = set()  # cells with a record in the results file
         self.recheck_enabled = option("--recheck") and not self.update
         self.jobs: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}  # cell -> (measuring job, env)
         self.rechecked: set[str] = set()
@@ -199,7 +215,7 @@ class QuantBench:
     def tolerances(self, cell: Cell) -> Tolerances:
         try:
             return Tolerances.from_mapping(cell.suite.tolerances, f"{self.matrix_path} tolerances").with_cli(
-                self.config.getoption("--tolerance"))
+                self.config.getoption("--tolerance"), self.matrix().methods)
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
 
@@ -210,9 +226,27 @@ class QuantBench:
 
     # ---- running cells ---------------------------------------------------------------------------------
     def outcome(self, cell: Cell) -> Outcome:
-        """Run the cell's worker once (all its batch sizes) and keep the outcome for the other tests."""
-        if cell.key in self.outcomes:
-            return self.outcomes[cell.key]
+        """Run the cell's worker once (all its batch sizes) and keep the outcome for the other tests.
+
+        Whatever goes wrong while producing it, in a worker or in the harness around it, becomes the cell's
+        outcome: its other tests read the same one, and the worker never runs twice.
+        """
+        if cell.key not in self.outcomes:
+            try:
+                self.outcomes[cell.key] = self._produce(cell)
+            except Exception as exc:  # a harness fault, not the worker's: recorded once, like a worker error
+                outcome = Outcome("error", f"the harness failed while producing the outcome of {cell.key}: "
+                                           f"{type(exc).__name__}: {exc}")
+                if cell.key not in self.written:
+                    try:
+                        self._write_results(cell, outcome, "process")
+                    except OSError as again:
+                        outcome.reason += f"; its results record could not be written either ({again})"
+                self.outcomes[cell.key] = outcome
+        return self.outcomes[cell.key]
+
+    def _produce(self, cell: Cell) -> Outcome:
+        """Prepare, measure (and with --update-baselines store) one cell; see `outcome`."""
         gpu = gpu_info() if cell.suite.device == "cuda" else None
         if cell.suite.device == "cuda" and gpu is None:
             outcome = Outcome("skipped", "no CUDA GPU on this machine (NVML sees none)")
@@ -263,12 +297,12 @@ class QuantBench:
             if self.update and outcome.results:
                 try:
                     self.store.merge(self.hardware_key(cell.suite.device), outcome.results,
-                                     pool=self.pool_baselines)
-                except (BaselineError, ValueError) as exc:
-                    # the figures are in the results file; the stored baselines stay as they were
-                    outcome.status, outcome.reason = "error", f"baselines not updated: {exc}"
-                    outcome.results = []
-        self.outcomes[cell.key] = outcome
+                                     pool=self.pool_baselines, replace_unreadable=self.replace_unreadable,
+                                     log=outcome.notes.append)
+                except (BaselineError, ValueError, OSError) as exc:
+                    # the worker measured; the figures are in the results file and the stored baselines stay
+                    # as they were (an unwritable folder, an invalid file)
+                    outcome.store_error = f"baselines not updated: {exc}"
         return outcome
 
     def _measure(self, cell: Cell, job: dict[str, Any], env: dict[str, str]) -> Outcome:
@@ -359,7 +393,8 @@ class QuantBench:
                   "reason": outcome.reason, "wall_s": outcome.wall_s,
                   "results": [r.to_dict() for r in outcome.results]}
         with open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        self.written.add(cell.key)
 
     # ---- the gate --------------------------------------------------------------------------------------
     def check(self, request: pytest.FixtureRequest, ref: CellRef, metrics: list[str],
@@ -372,6 +407,8 @@ class QuantBench:
         outcome = self.outcome(ref.cell)
         if outcome.status == "skipped":
             pytest.skip(f"{ref.id}: {outcome.reason}")
+        if outcome.store_error:
+            pytest.fail(f"{ref.id}: {outcome.store_error}", pytrace=False)
         self.recheck(ref.cell)
         result = outcome.result(ref.batch_size)
         if result is None:
@@ -379,6 +416,9 @@ class QuantBench:
                         f"--- worker log (tail) ---\n{outcome.log_tail}", pytrace=False)
         if result.error:
             pytest.fail(f"{ref.id}: {result.error}", pytrace=False)
+        broken = result.non_finite(metrics)
+        if broken:
+            pytest.fail("\n".join(broken), pytrace=False)
         wanted = [m for m in metrics if m in result.figures]
         device = result.details.get("device_timing") or {}
         if "error" in device and set(metrics) & set(DEVICE_METRICS):
@@ -399,6 +439,8 @@ class QuantBench:
             measured(result)
         gated = replace(result, figures={m: result.figures[m] for m in wanted})
         record: dict[str, Any] = {"cell": ref.id, "suite": ref.cell.suite.name, "figures": {}, "status": "new"}
+        if outcome.notes:
+            record["notes"] = outcome.notes
         key = self.hardware_key(ref.cell.suite.device)
         error = None
         try:
@@ -516,6 +558,11 @@ class QuantBench:
             if item.get_closest_marker("eval") and isinstance(ref, CellRef):
                 self.eval_cells.add(ref.cell.key)
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        # pytest-xdist: the workers' results files belong to this run
+        node.workerinput["quantbench_run_id"] = self.run_id
+
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         # A matrix or filter named on the command line is checked before anything runs.
         option = self.config.getoption
@@ -544,14 +591,17 @@ class QuantBench:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             terminalreporter.write_line(f"{len(missing)} cell(s) have no baseline for this hardware "
                                         f"(record with --update-baselines): {shown}")
+        for note in dict.fromkeys(note for record in self.records for note in record.get("notes", ())):
+            terminalreporter.write_line(note)
         line = resolution_summary((name, name in record.get("unresolved", ())) for record in self.records
                                   for name, fig in record["figures"].items() if "change" in fig)
         if line:
             terminalreporter.write_line(line)
         path = self.results_dir / f"{self.run_id}-summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.run_id,
-                                    "matrix": str(self.matrix_path), "records": self.records}, indent=1))
+        path.write_text(json.dumps(json_safe({"schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.run_id,
+                                              "matrix": str(self.matrix_path), "records": self.records}),
+                                   indent=1, allow_nan=False))
         terminalreporter.write_line(f"results: {path} (figures with provenance: {self.run_id}-*.jsonl)")
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:

@@ -22,7 +22,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.cache import atomic_directory, atomic_write_text, cache_root, file_lock, file_sha256
+from harness.cache import (
+    atomic_directory,
+    atomic_write_text,
+    cache_root,
+    file_lock,
+    file_sha256,
+    manifest_problem,
+    write_manifest,
+)
 
 Log = Callable[[str], None]
 CACHE_FORMAT = 3  # 2: a checkpoint always carries a tokenizer; 3: asymmetric RTN ranges always hold 0
@@ -460,9 +468,14 @@ def quantized_folder(src: Path, spec: QuantSpec, windows: list[list[int]] | None
     with file_lock(final.parent / f".{final.name}.lock"):
         if sidecar_path.is_file():
             try:
+                problem = manifest_problem(final)
+                if problem not in (None, "no manifest"):
+                    raise QuantError(problem)
                 check_checkpoint(final)
                 sidecar = json.loads(sidecar_path.read_text())
                 if sidecar.get("key") == key:
+                    if problem == "no manifest":  # built before manifests, and its tensors check out: record it
+                        write_manifest(final)
                     log(f"{spec.format} checkpoint cached at {final}")
                     return final, {**sidecar, "fresh": False}
             except (QuantError, ValueError, OSError) as exc:
@@ -486,4 +499,5 @@ def quantized_folder(src: Path, spec: QuantSpec, windows: list[list[int]] | None
             sidecar = {"key": key, "source": str(src), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                        **stats}
             atomic_write_text(tmp / "quantbench.json", json.dumps(sidecar, indent=1, sort_keys=True))
+            write_manifest(tmp)
     return final, {**sidecar, "fresh": True}

@@ -42,6 +42,11 @@ class Figure:
         return cls(float(statistics.median(samples)), float(spread), len(samples), tuple(float(s) for s in samples))
 
     @property
+    def finite(self) -> bool:
+        """Value, spread and every sample are finite numbers."""
+        return all(math.isfinite(x) for x in (self.value, self.spread, *self.samples))
+
+    @property
     def relative_spread(self) -> float:
         """Spread as a fraction of the value (0 when the value is 0)."""
         return self.spread / abs(self.value) if self.value else 0.0
@@ -89,17 +94,34 @@ class CellResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CellResult:
+        """A cell read from a worker's output, a results file or a baseline.
+
+        A figure that is not finite (NaN logits make a NaN perplexity) is no measurement: it leaves the
+        figures and is named in `details.non_finite_figures` (its value as text), where the gate fails it.
+        """
+        figures = {name: Figure.from_dict(fig) for name, fig in data.get("figures", {}).items()}
+        broken = {name: str(fig.value) for name, fig in figures.items() if not fig.finite}
+        details = dict(data.get("details", {}))
+        if broken:
+            details["non_finite_figures"] = {**details.get("non_finite_figures", {}), **broken}
         return cls(
             method=data["method"],
             model=data["model"],
             batch_size=data.get("batch_size"),
-            figures={name: Figure.from_dict(fig) for name, fig in data.get("figures", {}).items()},
+            figures={name: fig for name, fig in figures.items() if name not in broken},
             config=data.get("config", {}),
             environment=data.get("environment", {}),
             hardware=data.get("hardware", {}),
-            details=data.get("details", {}),
+            details=details,
             error=data.get("error"),
         )
+
+    def non_finite(self, metrics: list[str]) -> list[str]:
+        """One line per metric of `metrics` that this cell measured as NaN or infinity."""
+        broken = self.details.get("non_finite_figures") or {}
+        return [f"{name} of {self.id} measured {broken[name]}, not a finite number: the measurement is broken "
+                "(a corrupted cached artifact or a numerical failure); it is not compared or stored"
+                for name in metrics if name in broken]
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -267,6 +289,9 @@ def gate_results(
                 failures += 1
                 lines.append(f"FAIL {result.id}: the run failed: {result.error}")
                 continue
+            broken = result.non_finite(sorted(result.details.get("non_finite_figures") or {}))
+            failures += len(broken)
+            lines.extend(f"FAIL {line}" for line in broken)
             consistency = result.details.get("batch_consistency") or {}
             if consistency.get("consistent") is False:
                 failures += 1

@@ -124,6 +124,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     random.seed(seed)
     device = job["device"]
     method = method_class(job["method_class"])(job["method"]["params"], device)
+    method.pickle_weights = bool(job["model"].get("pickle_weights"))
     torch_free = not method.TORCH_DEVICE and not job.get("prepare_only")  # see the module docstring
     if torch_free:
         refuse_torch(type(method).__name__)
@@ -148,7 +149,9 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
                            "and pass its 'prepared' record (harness/plugin.py does)")
     if job.get("prepare_only"):
         # building the embedded or synthetic weights, and a method's checkpoint, happens here, outside the
-        # process that is measured
+        # process that is measured; an evaluation text too short for one window is refused here too
+        if job["accuracy"].get("text"):
+            eval_ids(resolved, _tokenizer(resolved), AccuracyConfig(**job["accuracy"]), seed)
         if job.get("prepare_method"):
             with track_memory(device, method.TORCH_DEVICE) as memory:
                 prepared = method.prepare(resolved, seed, log)
@@ -181,7 +184,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
 
     if reference and reference["role"] == "compute":
         folder = reference_dir(cache_root(), key)
-        if not (folder / "key.json").is_file():
+        if not Reference.cached(folder):  # missing, or changed since it was saved
             model, _, _ = _load(method, resolved, device)
             collector = Collector()
             perplexity(lambda window: method.logits(model, window), ids, accuracy, [collector])

@@ -42,17 +42,46 @@ class Reference:
     def save(self, path: Path) -> None:
         import numpy as np
 
-        from harness.cache import atomic_directory
+        from harness.cache import atomic_directory, write_manifest
 
         with atomic_directory(path) as tmp:
             np.savez(tmp / "reference.npz", top_ids=self.top_ids, top_logprobs=self.top_logprobs, nll=self.nll)
             (tmp / "key.json").write_text(json.dumps(self.key, indent=1, sort_keys=True))
+            write_manifest(tmp)
+
+    @staticmethod
+    def cached(path: Path) -> bool:
+        """A reference is cached at `path` with the bytes it was saved with (a changed one is computed again).
+
+        One saved before manifests is checked by loading it, and its manifest recorded then.
+        """
+        import numpy as np
+
+        from harness.cache import manifest_problem, write_manifest
+
+        if not (path / "key.json").is_file():
+            return False
+        problem = manifest_problem(path)
+        if problem == "no manifest":
+            try:
+                json.loads((path / "key.json").read_text())
+                np.load(path / "reference.npz", allow_pickle=False).close()
+            except (OSError, ValueError):
+                return False
+            write_manifest(path)
+            return True
+        return problem is None
 
     @classmethod
     def load(cls, path: Path, expected_key: dict[str, Any]) -> Reference:
         """Load a cached reference, refusing one made for another model, method or protocol."""
         import numpy as np
 
+        from harness.cache import manifest_problem
+
+        problem = manifest_problem(path)
+        if problem not in (None, "no manifest"):
+            raise ReferenceError(f"{path}: {problem}; the reference step computes it again")
         stored = json.loads((path / "key.json").read_text())
         if stored != expected_key:
             changed = sorted(k for k in set(stored) | set(expected_key) if stored.get(k) != expected_key.get(k))

@@ -38,6 +38,7 @@ class Method(ABC):
         self.inject_delay_ms = 0.0  # testing the gate only: sleep this long per generated token
         self.inputs: dict[str, Any] | None = None  # the ids the worker feeds (harness/worker.py: _inputs)
         self.prepared: dict[str, Any] | None = None  # what `prepare` returned, handed to the measuring process
+        self.pickle_weights = False  # the model's matrix entry lets pickle weights load (ModelSpec.pickle_weights)
 
     @classmethod
     def validate(cls, params: dict[str, Any], where: str) -> None:

@@ -46,6 +46,7 @@ class BitsAndBytesMethod(Method):
             quantization_config=self.quantization_config(),
             dtype=torch_dtype(self.params["dtype"]),
             device_map=self.device,
+            use_safetensors=None if self.pickle_weights else True,  # a pickle can run code when loaded
         )
         return model.eval()
 

@@ -21,7 +21,8 @@ class DenseMethod(CompilableMethod):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype(self.params["dtype"]),
-                                                     device_map=self.device)
+                                                     device_map=self.device,
+                                                     use_safetensors=None if self.pickle_weights else True)
         return model.eval()
 
     def describe(self, model: Any) -> dict[str, Any]:
