@@ -1,5 +1,6 @@
 """Fixtures shared by the harness's own tests."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,14 @@ def tiny_job():
 
 @pytest.fixture
 def worker_env(tmp_path_factory):
-    """Environment for workers: the misbehaving test methods importable, a private cache."""
+    """Environment for workers: the misbehaving test methods importable, a private cache.
+
+    The caller's PYTHONPATH stays behind the tests folder: a checkout run through another checkout's
+    environment (PYTHONPATH=. beside an editable install) tests its own harness in pytester's subprocesses too.
+    """
     cache = tmp_path_factory.getbasetemp() / "qb-cache"
-    return {"PYTHONPATH": str(TESTS_DIR), "QUANTBENCH_CACHE": str(cache)}
+    path = os.pathsep.join([str(TESTS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {"PYTHONPATH": path, "QUANTBENCH_CACHE": str(cache)}
 
 
 pytest_plugins = ["pytester"]
