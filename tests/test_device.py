@@ -100,7 +100,7 @@ def test_figures_are_tokens_over_device_seconds_and_the_host_share_is_the_differ
 def test_the_injected_spin_grows_until_the_step_is_that_much_slower(monkeypatch):
     """On the H200 a spin of 3 % of a launch-bound step cost 1.2 %: the spin is scaled until it measures 3 %."""
     spins: list[float] = []
-    monkeypatch.setattr(device, "spin_kernel", lambda cuda: ((lambda s: spins.append(s) or (lambda: None)), 1.0))
+    monkeypatch.setattr(device, "spin_kernel", lambda cuda: (lambda s: spins.append(s) or (lambda: None)))
 
     class Program:
         def step(self) -> None: ...

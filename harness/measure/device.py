@@ -148,15 +148,15 @@ def capture(body: Callable[[], None], cuda: bool) -> Callable[[], None]:
     return graph.replay
 
 
-def spin_kernel(cuda: bool) -> tuple[Callable[[float], Callable[[], None]], float]:
+def spin_kernel(cuda: bool) -> Callable[[float], Callable[[], None]]:
     """A way to add a device-side delay to a step (testing the gate only): a factory from seconds to a
-    callable that queues that long a spin, and the spin's calibration (cycles per second).
+    callable that queues that long a spin.
 
     On CUDA the spin is `torch.cuda._sleep`, a kernel that busy-waits a number of clock cycles, calibrated
     here against CUDA events; on a CPU (the suite's tests) it sleeps on the host.
     """
     if not cuda:
-        return (lambda seconds: (lambda: time.sleep(seconds))), 1.0
+        return lambda seconds: (lambda: time.sleep(seconds))
     import torch
 
     cycles = 5_000_000
@@ -167,7 +167,7 @@ def spin_kernel(cuda: bool) -> tuple[Callable[[float], Callable[[], None]], floa
         torch.cuda._sleep(cycles)
         timer.stop(started)
     per_second = cycles / statistics.median(timer.seconds())
-    return (lambda seconds: (lambda: torch.cuda._sleep(max(1, int(seconds * per_second))))), per_second
+    return lambda seconds: (lambda: torch.cuda._sleep(max(1, int(seconds * per_second))))
 
 
 class StepProgram:
@@ -360,7 +360,7 @@ def _slowed(program: StepProgram, settled_s: float, steps: int, fraction: float,
     3 ms), the front end runs ahead during the spin and hides part of it (on an H200, 90 us added 35 us). So
     the spin is scaled until a measured burst is at least `fraction` slower, a few times at most.
     """
-    spin, _ = spin_kernel(cuda)
+    spin = spin_kernel(cuda)
     seconds = fraction * settled_s / steps
     for _ in range(4):
         delay = spin(seconds)
