@@ -8,7 +8,7 @@ from typing import Any
 from harness.baselines import BaselineStore
 from harness.measure.bandwidth import read_bandwidth
 from harness.metrics import METRICS
-from harness.roofline import efficiency
+from harness.roofline import decode_figure, efficiency
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -69,9 +69,9 @@ def compare_hardware(store: BaselineStore, key_a: str, key_b: str, metrics: list
                 va, vb = a.figures[name].value, b.figures[name].value
                 ratio = vb / va if va else float("nan")
                 roof = ["-", "-"]
-                if name == "decode_tokens_per_s":
-                    roof = [_percent(efficiency(a, cells_a.get(model_key), limit_a)),
-                            _percent(efficiency(b, cells_b.get(model_key), limit_b))]
+                if name in ("decode_tokens_per_s", "decode_device_tokens_per_s"):
+                    roof = [_percent(efficiency(a, cells_a.get(model_key), limit_a, name)),
+                            _percent(efficiency(b, cells_b.get(model_key), limit_b, name))]
                 rows.append([cell, name, _num(va), _num(vb), f"{ratio:.3f}", METRICS[name].unit, *roof])
     if not rows:
         return f"{key_a} and {key_b} share no cells"
@@ -105,11 +105,13 @@ def _figure(cell: Any, name: str) -> float | None:
 def _model_markdown(key: str, model: str, by_method: dict[str, dict[int | None, Any]],
                     measured: tuple[float, str] | None = None) -> str:
     sizes = sorted({b for cells in by_method.values() for b in cells if b is not None})
-    memory = "peak_vram_mib" if any(_figure(c, "peak_vram_mib") for m in by_method.values() for c in m.values()) \
-        else "peak_rss_mib"
+    memory = memory_figure(by_method)
+    gpu = memory != "peak_rss_mib"
+    device = any(_figure(c, "decode_device_tokens_per_s") for m in by_method.values() for c in m.values())
     header = ["method", "ppl", "ppl ratio", "KLD mean", "top-1"] + [f"decode b{b}" for b in sizes]
+    if device:
+        header += [f"device decode b{b}" for b in sizes]
     header.append(f"{memory} b{sizes[0]}" if sizes else memory)
-    gpu = memory == "peak_vram_mib"
     if gpu:
         header += [f"roofline b{b}" for b in sizes]
     lines = [f"### {model} on {key}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -121,16 +123,40 @@ def _model_markdown(key: str, model: str, by_method: dict[str, dict[int | None, 
             value = _figure(cell, "decode_tokens_per_s")
             spread = cell.figures["decode_tokens_per_s"].relative_spread if value else 0
             row.append(f"{value:.1f} ±{100 * spread:.1f}%" if value else "-")
+        if device:
+            for b in sizes:
+                value = _figure(cells.get(b), "decode_device_tokens_per_s")
+                spread = cells[b].figures["decode_device_tokens_per_s"].relative_spread if value else 0
+                row.append(f"{value:.1f} ±{100 * spread:.2f}%" if value else "-")
         row.append(_num(_figure(cells.get(sizes[0]) if sizes else None, memory)))
         if gpu:
-            row += [_percent(efficiency(cells.get(b), per_model, measured)) for b in sizes]
+            row += [_roofline(cells.get(b), per_model, measured) for b in sizes]
         lines.append("| " + " | ".join(row) + " |")
     if gpu:
         ceiling = measured[1] if measured else "the data sheet's (no quantbench bandwidth --write for this key)"
         lines += ["", "roofline: decode steps/s x weight bytes over the GPU's memory bandwidth (harness/roofline.py; "
-                  "KV-cache reads not counted; '-' where the weight bytes were not recorded); bandwidth: "
-                  + ceiling]
+                  "from the device decode figure, or generate()'s where marked 'e2e'; KV-cache reads not counted; "
+                  "'-' where the weight bytes were not recorded); bandwidth: " + ceiling]
+        lines += [f"memory: {memory}, the one figure every backend of the table has"]
     return "\n".join(lines)
+
+
+def memory_figure(by_method: dict[str, dict[int | None, Any]]) -> str:
+    """The memory figure a table or plot compares across backends: NVML's device memory of the worker's
+    processes where every GPU cell has it (llama.cpp's allocations are invisible to torch's counters, and its
+    host RSS is no device figure), else torch's peak VRAM, else on a CPU the peak RSS."""
+    batch_cells = [c for m in by_method.values() for b, c in m.items() if b is not None]
+    for name in ("peak_nvml_mib", "peak_vram_mib"):
+        if batch_cells and all(_figure(c, name) for c in batch_cells):
+            return name
+    if any(_figure(c, "peak_vram_mib") or _figure(c, "peak_nvml_mib") for c in batch_cells):
+        return "peak_vram_mib"
+    return "peak_rss_mib"
+
+
+def _roofline(cell: Any, model_cell: Any, measured: tuple[float, str] | None) -> str:
+    share = _percent(efficiency(cell, model_cell, measured))
+    return share + " e2e" if share != "-" and decode_figure(cell) == "decode_tokens_per_s" else share
 
 
 def _plots(key: str, model: str, by_method: dict[str, dict[int | None, Any]]) -> list[tuple[str, bytes]]:
@@ -154,10 +180,10 @@ def _plots(key: str, model: str, by_method: dict[str, dict[int | None, Any]]) ->
     plots.append((f"Decode throughput against batch size: {model} on {key}", _png(fig, io, plt)))
 
     points = []
+    memory_name = memory_figure(by_method)
     for method, cells in by_method.items():
         sizes = sorted(b for b in cells if b is not None)
-        memory = _figure(cells.get(sizes[0]), "peak_vram_mib") if sizes else None
-        memory = memory or (_figure(cells.get(sizes[0]), "peak_rss_mib") if sizes else None)
+        memory = _figure(cells.get(sizes[0]), memory_name) if sizes else None
         kld = _figure(cells.get(None), "kld_mean")
         if memory is not None and kld is not None:
             points.append((method, memory, kld))
@@ -167,7 +193,7 @@ def _plots(key: str, model: str, by_method: dict[str, dict[int | None, Any]]) ->
         for name, x, y in points:
             ax.scatter(x, max(y, 1e-7), color="tab:red" if name in front else "tab:gray")
             ax.annotate(name, (x, max(y, 1e-7)), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set(yscale="log", xlabel="peak memory at the smallest batch (MiB)", ylabel="mean KL divergence (nats)",
+        ax.set(yscale="log", xlabel=f"{memory_name} at the smallest batch", ylabel="mean KL divergence (nats)",
                title=f"Memory against accuracy loss: {model} on {key} (red: Pareto front)")
         ax.grid(True, alpha=0.3)
         plots.append((f"Memory against KL divergence: {model} on {key}", _png(fig, io, plt)))
@@ -206,7 +232,8 @@ def write_report(store: BaselineStore, keys: list[str], out_dir: Path) -> tuple[
                 sections_html.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
                                      f"<figcaption>{html.escape(title)}</figcaption></figure>")
     if len(keys) >= 2:
-        comparison = compare_hardware(store, keys[0], keys[1], ["decode_tokens_per_s", "prefill_tokens_per_s"])
+        comparison = compare_hardware(store, keys[0], keys[1], ["decode_tokens_per_s", "prefill_tokens_per_s",
+                                                                  "decode_device_tokens_per_s"])
         sections_md += [f"## {keys[1]} against {keys[0]}", "", "```", comparison, "```", ""]
         sections_html.append(f"<h2>{html.escape(keys[1])} against {html.escape(keys[0])}</h2>"
                              f"<pre>{html.escape(comparison)}</pre>")

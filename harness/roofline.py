@@ -1,7 +1,9 @@
 """Roofline efficiency of decode: the weight bytes a step reads over what the GPU's memory can deliver.
 
 Batch-B decode reads every weight once per step and makes B tokens, so a cell achieves
-`decode_tokens_per_s / B * weights_bytes` bytes per second of weight traffic. Over the card's memory bandwidth
+`decode / B * weights_bytes` bytes per second of weight traffic, where `decode` is the device's own figure
+(`decode_device_tokens_per_s`: what the kernels cost) when the cell has one, else generate()'s (which holds
+the host's loop as well, so its share is lower than the kernels reach). Over the card's memory bandwidth
 that is the share of the bandwidth bound reached. KV-cache reads are not counted (at 128 + 64 tokens they are
 a few percent of a 7B model's weights at batch 1, more at batch 32), so the figure is a lower bound there.
 """
@@ -81,17 +83,28 @@ def weights_bytes(model_cell: Any) -> tuple[float, str] | None:
     return None
 
 
-def efficiency(cell: Any, model_cell: Any, measured: tuple[float, str] | None = None) -> float | None:
+def efficiency(cell: Any, model_cell: Any, measured: tuple[float, str] | None = None,
+               figure: str | None = None) -> float | None:
     """Achieved weight bytes/s of a batch size's decode over the GPU's bandwidth (None: not computable).
 
     `measured`: the bandwidth measured on this hardware (harness/measure/bandwidth.py), used instead of the
-    data sheet's.
+    data sheet's. `figure`: the decode figure to use (default: `decode_figure(cell)`).
     """
-    if cell is None or "decode_tokens_per_s" not in cell.figures or not cell.batch_size:
+    name = figure or decode_figure(cell)
+    if name is None or cell is None or name not in cell.figures or not cell.batch_size:
         return None
     size = weights_bytes(model_cell)
     limit = measured or bandwidth((cell.hardware or {}).get("gpu"))
     if size is None or limit is None:
         return None
-    steps_per_s = cell.figures["decode_tokens_per_s"].value / cell.batch_size
+    steps_per_s = cell.figures[name].value / cell.batch_size
     return steps_per_s * size[0] / limit[0]
+
+
+def decode_figure(cell: Any) -> str | None:
+    """The decode figure a roofline share is computed from: the device's own where the cell has it, else
+    generate()'s end-to-end figure, else None."""
+    for name in ("decode_device_tokens_per_s", "decode_tokens_per_s"):
+        if cell is not None and name in cell.figures:
+            return name
+    return None

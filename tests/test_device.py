@@ -133,6 +133,28 @@ def test_device_figures_read_another_way_are_stale_and_only_they():
     assert stale_figures(captured, captured) == {}
 
 
+def test_a_prefill_timed_over_single_replays_is_stale_and_only_it():
+    figures = {"decode_device_tokens_per_s": 100.0, "prefill_device_tokens_per_s": 9000.0}
+    single = cell(figures, {"protocol": 1, "how": "cuda_graph"})  # recorded before bursts of prefill replays
+    bursts = cell(figures, {"protocol": 1, "how": "cuda_graph", "prefill_protocol": device.PREFILL_PROTOCOL})
+    stale = stale_figures(bursts, single)
+    assert list(stale) == ["prefill_device_tokens_per_s"]
+    assert f"prefill_protocol: baseline 1, now {device.PREFILL_PROTOCOL}" in stale["prefill_device_tokens_per_s"]
+    assert stale_figures(bursts, bursts) == {}
+    unavailable = cell(figures, {"unavailable": "llama.cpp"})
+    assert stale_figures(unavailable, unavailable) == {}
+
+
+def test_each_prefill_sample_is_a_burst_of_replays(tiny_model, monkeypatch):
+    calls = []
+    original = device.StepProgram.prefill
+    monkeypatch.setattr(device.StepProgram, "prefill", lambda self: calls.append(1) or original(self))
+    timing, _ = measure_device(tiny_model, prompts(1), 3, compiled=False, cuda=False, bursts=2, warmup_bursts=1)
+    assert len(timing.prefill_s) == 2
+    assert len(calls) == 1 + 2 * device.PREFILL_REPLAYS  # the first prefill, then two timed bursts
+    assert timing.details()["prefill_replays_per_sample"] == device.PREFILL_REPLAYS
+
+
 def test_a_change_in_the_kernels_a_step_launches_is_named():
     old = cell({}, {"protocol": 1, "how": "cuda_graph", "kernel_names": ["gemv", "rmsnorm"]})
     new = cell({}, {"protocol": 1, "how": "cuda_graph", "kernel_names": ["gemm_fallback", "rmsnorm"]})

@@ -91,3 +91,28 @@ def test_the_report_divides_by_the_stored_bandwidth(tmp_path):
     write_bandwidth(store.root, "nvidia-h200-140gb", {"bytes_per_s": 4.0e12}, {}, {})
     text = write_report(store, ["nvidia-h200-140gb"], tmp_path / "out")[0].read_text()
     assert "12.0%" in text and "measured copy (4000 GB/s" in text  # 100 steps/s x 4.8 GB over 4 TB/s
+
+
+def test_the_device_figure_is_what_the_roofline_share_divides_when_the_cell_has_it():
+    cell, model_cell = cells(decode=8 * 100.0, batch=8, details={"weights_bytes": 4.8e9})
+    cell.figures["decode_device_tokens_per_s"] = Figure(8 * 150.0)
+    assert efficiency(cell, model_cell) == pytest.approx(150 * 4.8e9 / 4.8e12)
+    assert efficiency(cell, model_cell, figure="decode_tokens_per_s") == pytest.approx(100 * 4.8e9 / 4.8e12)
+
+
+def test_the_report_compares_one_memory_figure_across_backends(tmp_path):
+    """llama.cpp's VRAM is invisible to torch's counters: the table takes NVML's figure, which every backend has."""
+    from harness.baselines import BaselineStore
+    from harness.report import write_report
+
+    torch_cell, model_cell = cells(decode=8 * 100.0, batch=8, details={"weights_bytes": 4.8e9})
+    torch_cell.figures.update(peak_vram_mib=Figure(1000.0), peak_nvml_mib=Figure(1500.0),
+                              decode_device_tokens_per_s=Figure(8 * 150.0))
+    gguf_cell = CellResult("q4", "llama-2-7b-arch", 8, figures={"decode_tokens_per_s": Figure(400.0),
+                           "peak_nvml_mib": Figure(5400.0), "peak_rss_mib": Figure(700.0)},
+                           hardware={"gpu": {"name": "NVIDIA H200"}})
+    store = BaselineStore(tmp_path / "baselines")
+    store.merge("nvidia-h200-140gb", [torch_cell, model_cell, gguf_cell])
+    text = write_report(store, ["nvidia-h200-140gb"], tmp_path / "out")[0].read_text()
+    assert "peak_nvml_mib b8" in text and "| 1500 |" in text and "| 5400 |" in text
+    assert "device decode b8" in text and "15.0%" in text  # 150 steps/s x 4.8 GB over the data sheet's 4.8 TB/s
