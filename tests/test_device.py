@@ -217,8 +217,8 @@ def test_the_committed_h200_calibration_replays_from_its_runs():
         return [EVIDENCE / f"device-{name}-results.jsonl" for name in names]
 
     document = calibrate(BaselineStore(ROOT / "baselines"), load_matrix(ROOT / "benchmarks" / "matrix.toml"),
-                         files("record", "record-compiled"), [files("aa1", "aa1-compiled"), files("aa2")],
-                         files("injected2"))
+                         files("record", "record-compiled", "7b-record", "tiny-bf16-record", "7b-compiled-record"),
+                         [files("aa1", "aa1-compiled"), files("aa2"), files("aa3")], files("injected2"))
     committed = json.loads((EVIDENCE / "gate-calibration.json").read_text())
     assert [c for c in document["cells"]] == committed["cells"]
     for entry in document["cells"]:
