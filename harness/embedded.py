@@ -1,9 +1,9 @@
 """The suite's embedded default model: a small Llama trained on the Python help topics, shipped in the package.
 
 Training it from the recipe takes about 75 s, but the result is not byte for byte the same on every CPU (an
-AMD EPYC and an Intel Xeon gave held-out perplexities 70.4 and 77.3 from one recipe key), so the suite uses
-the weights and tokenizer trained once and shipped under `harness/embedded_model/` (`shipped()`), checked
-against `SHIPPED_MODEL_SHA256`. `build()` still trains a recipe, for other recipes and for the tests.
+AMD EPYC and an Intel Xeon gave held-out perplexities 70.4 and 77.3 from one recipe key). The weights and
+tokenizer trained once are shipped under `harness/embedded_model/`; `shipped()` returns that folder, checked
+against `SHIPPED_MODEL_SHA256`. `build()` trains a recipe into the cache.
 `build()` caches it as an ordinary Hugging Face folder under `cache_root()/embedded/<recipe key>`, with the
 SentencePiece `tokenizer.model` beside `tokenizer.json`, so transformers and llama.cpp's GGUF converter both
 accept it.
