@@ -125,3 +125,30 @@ def test_interrupted_build_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         build(TINY, cache_dir=tmp_path, log=interrupt)
     assert [p.name for p in (tmp_path / "embedded").iterdir()] == [f".{recipe_key(TINY)}.lock"]
+
+
+def test_shipped_model_has_the_recorded_sha256() -> None:
+    from harness.embedded import SHIPPED_FOLDER, SHIPPED_MODEL_SHA256, SHIPPED_TOKENIZER_MODEL_SHA256, shipped
+
+    assert shipped() == SHIPPED_FOLDER
+    assert _sha256(SHIPPED_FOLDER / "model.safetensors") == SHIPPED_MODEL_SHA256
+    assert _sha256(SHIPPED_FOLDER / "tokenizer.model") == SHIPPED_TOKENIZER_MODEL_SHA256
+    assert _metadata(SHIPPED_FOLDER)["model_sha256"] == SHIPPED_MODEL_SHA256
+
+
+def test_a_changed_shipped_model_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    from harness.embedded import SHIPPED_FOLDER, ShippedModelError, shipped
+
+    copy = tmp_path / "embedded_model"
+    shutil.copytree(SHIPPED_FOLDER, copy)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ShippedModelError, match="model.safetensors has sha256"):
+        shipped(copy)
+    shutil.copy(SHIPPED_FOLDER / "model.safetensors", copy / "model.safetensors")
+    (copy / "tokenizer.model").unlink()
+    with pytest.raises(ShippedModelError, match="tokenizer.model is missing"):
+        shipped(copy)
