@@ -118,16 +118,9 @@ def _model_markdown(key: str, model: str, by_method: dict[str, dict[int | None, 
     for method, cells in sorted(by_method.items()):
         per_model = cells.get(None)
         row = [method] + [_num(_figure(per_model, n)) for n in ("ppl", "ppl_ratio", "kld_mean", "top1_agreement")]
-        for b in sizes:
-            cell = cells.get(b)
-            value = _figure(cell, "decode_tokens_per_s")
-            spread = cell.figures["decode_tokens_per_s"].relative_spread if value else 0
-            row.append(f"{value:.1f} ±{100 * spread:.1f}%" if value else "-")
+        row += [_rate(cells.get(b), "decode_tokens_per_s", 1) for b in sizes]
         if device:
-            for b in sizes:
-                value = _figure(cells.get(b), "decode_device_tokens_per_s")
-                spread = cells[b].figures["decode_device_tokens_per_s"].relative_spread if value else 0
-                row.append(f"{value:.1f} ±{100 * spread:.2f}%" if value else "-")
+            row += [_rate(cells.get(b), "decode_device_tokens_per_s", 2) for b in sizes]
         row.append(_num(_figure(cells.get(sizes[0]) if sizes else None, memory)))
         if gpu:
             row += [_roofline(cells.get(b), per_model, measured) for b in sizes]
@@ -137,8 +130,16 @@ def _model_markdown(key: str, model: str, by_method: dict[str, dict[int | None, 
         lines += ["", "roofline: decode steps/s x weight bytes over the GPU's memory bandwidth (harness/roofline.py; "
                   "from the device decode figure, or generate()'s where marked 'e2e'; KV-cache reads not counted; "
                   "'-' where the weight bytes were not recorded); bandwidth: " + ceiling]
-        lines += [f"memory: {memory}, the one figure every backend of the table has"]
+        lines += [f"memory: {memory} (NVML's where every cell has it: torch and llama.cpp cells alike)"]
     return "\n".join(lines)
+
+
+def _rate(cell: Any, name: str, spread_digits: int) -> str:
+    """A throughput figure with its relative spread, or '-'."""
+    value = _figure(cell, name)
+    if not value:
+        return "-"
+    return f"{value:.1f} ±{100 * cell.figures[name].relative_spread:.{spread_digits}f}%"
 
 
 def memory_figure(by_method: dict[str, dict[int | None, Any]]) -> str:
