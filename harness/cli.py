@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     elif args.command == "import-results":
         from harness.baselines import BaselineError
-        from harness.results import import_results
+        from harness.gate import import_results
 
         try:
             for path, written in import_results(store, args.results, pool=args.pool).items():
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "gate":
         from harness.baselines import BaselineError
         from harness.config import MatrixError, load_matrix
-        from harness.results import gate_results
+        from harness.gate import gate_results
 
         try:
             lines, failures, noisy = gate_results(store, args.results, load_matrix(args.matrix),
