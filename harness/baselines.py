@@ -392,10 +392,10 @@ def pool_with_baseline(baseline: CellResult, measured: CellResult, where: Path |
     """`measured` stored with the samples of `baseline` pooled into each figure that has repeats in both.
 
     Baselines pooled over recordings on several machines of one hardware key (or several days of one)
-    carry the spread between them, which no single recording can measure (README: Processes). The pooled
-    cell keeps the new recording's single figures (memory, perplexity, load time) and provenance, and
-    `details.pooled_from` lists every recording pooled, oldest first. A baseline measured another way
-    (`provenance_mismatch`) cannot be pooled: BaselineError, naming the cell and the fields.
+    carry the spread between them, which no single recording can measure (docs/gate-and-baselines.md: Pooled
+    baselines). The pooled cell keeps the new recording's single figures (memory, perplexity, load time) and
+    provenance, and `details.pooled_from` lists every recording pooled, oldest first. A baseline measured another
+    way (`provenance_mismatch`) cannot be pooled: BaselineError, naming the cell and the fields.
     """
     mismatch = provenance_mismatch(measured, baseline)
     if mismatch:
