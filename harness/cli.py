@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `quantbench` argument parser: every subcommand and its options (docs/cli.md describes them)."""
     parser = argparse.ArgumentParser(prog="quantbench", description=__doc__)
     parser.add_argument("--baselines-dir", default="baselines", help="the baseline store (default: baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     syn = sub.add_parser("build-synthetic", help="build (or find cached) synthetic weights for an architecture")
     syn.add_argument("arch")
     syn.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from harness.baselines import BaselineStore
 
