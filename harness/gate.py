@@ -271,7 +271,7 @@ def judge(result: CellResult, baseline: CellResult | None, policy: GatePolicy, *
     cell = result.id
     where = {"hardware_key": hardware_key, "baseline_path": None if baseline_path is None else str(baseline_path)}
     if result.error:
-        return replace(run_failed(cell, result.error), **where)
+        return run_failed(cell, result.error)
     asked = None if metrics is None else list(metrics)
     broken = result.details.get("non_finite_figures") or {}
     errors = [Check(name, Status.ERROR, line, True)
