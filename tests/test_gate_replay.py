@@ -9,6 +9,7 @@ run's key from the results file to look where the run looked.
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -284,3 +285,20 @@ def test_the_offline_gate_looks_under_the_key_the_run_recorded_or_the_one_named(
         del record["hardware_key"]
     results.write_text("".join(json.dumps(record) + "\n" for record in records))
     assert main(args) == NOTHING_COMPARED  # the worker's key, which has no baselines
+
+
+ROOT = Path(__file__).parent.parent
+H200 = ROOT / "docs" / "evidence" / "nvidia-h200-140gb"
+
+
+@pytest.mark.parametrize("name", ["device-aa1", "device-aa1-compiled", "device-aa2", "device-aa3", "device-injected1",
+                                  "device-injected2"])
+def test_the_committed_device_gates_replay_as_committed(name, capsys):
+    """The device-time gates of runs M, N and P ran live with --strict-baselines; replayed the same way against
+    the committed baselines and matrix, each prints its committed transcript (docs/evidence/nvidia-h200-140gb/
+    README.md). Re-recording those cells' baselines changes the replays: regenerate the transcripts then."""
+    code = main(["--baselines-dir", str(ROOT / "baselines"), "gate", "--strict-baselines",
+                 "--matrix", str(ROOT / "benchmarks" / "matrix.toml"), str(H200 / f"{name}-results.jsonl")])
+    committed = (H200 / f"{name}.txt").read_text()
+    assert capsys.readouterr().out == committed
+    assert code == (1 if "\nFAIL " in "\n" + committed else 0)
