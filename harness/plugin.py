@@ -543,7 +543,8 @@ class QuantBench:
         terminalreporter.section("quantbench")
         for line in summary_table(self.records).splitlines():
             terminalreporter.write_line(line)
-        missing = sorted({r["cell"] for r in self.records if r["status"] == "missing"})
+        missing = sorted({r["cell"] for r in self.records  # a cell with no baseline, not one lacking a figure
+                          if r["status"] == Status.MISSING and "missing_metrics" not in r})
         if missing:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             terminalreporter.write_line(f"{len(missing)} cell(s) have no baseline for this hardware "
