@@ -285,7 +285,8 @@ def judge(result: CellResult, baseline: CellResult | None, policy: GatePolicy, *
         if timer and (asked is None or set(asked) & set(DEVICE_METRICS)) else []
     wanted = [m for m in (sorted(result.figures) if asked is None else asked) if m in result.figures]
     if not wanted and not errors + device:
-        return replace(skipped(cell, _nothing_to_gate(result, asked or [])), **where)
+        why = _nothing_to_gate(result, asked) if asked else f"{cell}: no figures measured"
+        return replace(skipped(cell, why), **where)
 
     def verdict(status: Status, checks: list[Check], **more: Any) -> CellVerdict:
         return CellVerdict(cell, Status.ERROR if errors + device else status, tuple(errors + checks + device),
