@@ -16,9 +16,9 @@ import pytest
 
 from harness import plugin
 from harness.baselines import BaselineStore
-from harness.cli import NOTHING_COMPARED, main
+from harness.cli import NOTHING_COMPARED, build_parser, main
 from harness.config import load_matrix
-from harness.gate import CellVerdict, GatePolicy, Status, replay
+from harness.gate import CellVerdict, GatePolicy, Status, add_gate_options, replay
 from harness.isolation import Outcome
 from harness.results import CellResult, Figure
 
@@ -302,3 +302,21 @@ def test_the_committed_device_gates_replay_as_committed(name, capsys):
     committed = (H200 / f"{name}.txt").read_text()
     assert capsys.readouterr().out == committed
     assert code == (1 if "\nFAIL " in "\n" + committed else 0)
+
+
+def test_the_gate_options_are_declared_once_for_both_front_ends(tmp_path):
+    declared = []
+    add_gate_options(lambda name, **how: declared.append(name))
+    assert declared == ["--strict-baselines", "--fail-unresolved", "--tolerance", "--hardware-key"]
+    in_pytest = []
+    group = SimpleNamespace(addoption=lambda name, **how: in_pytest.append(name))
+    plugin.pytest_addoption(SimpleNamespace(getgroup=lambda *args: group))
+    assert set(declared) <= set(in_pytest)
+    args = build_parser().parse_args(["gate", "run.jsonl", "--strict-baselines", "--fail-unresolved", "--tolerance",
+                                      "ppl=0.02", "--tolerance", "fp32:ttft_ms=1", "--hardware-key", "k"])
+    (tmp_path / "matrix.toml").write_text(MATRIX)
+    policy = GatePolicy.from_options(lambda name: getattr(args, name[2:].replace("-", "_")),
+                                     load_matrix(tmp_path / "matrix.toml"))
+    assert (policy.strict_baselines, policy.fail_unresolved, args.hardware_key) == (True, True, "k")
+    assert (policy.for_suite("cpu").for_cell("fp32", "ppl"), policy.for_suite("cpu").for_cell("fp32", "ttft_ms")) == (
+        0.02, 1.0)
