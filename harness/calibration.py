@@ -4,7 +4,7 @@ Three kinds of runs go in: the recording (several processes, `--update-baselines
 unchanged code on other leases (A/A: every check should pass) and a gate with `--inject-device-slowdown`
 (every device decode check of that method should fail). Each is read back as the live run gated it
 (`results.read_run`), against the stored baselines and the matrix suite's tolerances, through the same
-`compare` the gate uses. The between-process spread comes from the recording's processes, each on its own.
+`judge` the gate uses. The between-process spread comes from the recording's processes, each on its own.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from harness.baselines import BaselineStore, Tolerances, compare, kernel_changes
+from harness.baselines import BaselineStore
+from harness.gate import GatePolicy, Status, judge
 from harness.results import CellResult, _records, read_run
 
 CALIBRATED_METRICS = ("decode_device_tokens_per_s", "prefill_device_tokens_per_s", "decode_kernels_per_step")
@@ -24,22 +25,20 @@ def _uuid(result: CellResult) -> str | None:
 
 
 def _verdicts(store: BaselineStore, matrix: Any, paths: list[Path]) -> dict[tuple[str, str], tuple[bool, float, Any]]:
-    """(cell, metric) -> (regressed, the relative change, + worse, the measured result) for one gate's files."""
+    """(cell, metric) -> (regressed, the relative change, + worse, the measured result) for one gate's files,
+    as the gate judges them (`gate.judge`, the matrix's tolerances); a kernel change regresses the kernel count."""
+    policy = GatePolicy.from_options({}.get, matrix)
     found: dict[tuple[str, str], tuple[bool, float, Any]] = {}
     for path in paths:
         for result in read_run(path).results:
             if result.batch_size is None:
                 continue
-            baseline = store.get(result.hardware["hardware_key"], result)
-            if baseline is None:
-                continue
-            suite = result.config["suite"]
-            tolerances = Tolerances.from_mapping(matrix.suites[suite].tolerances, f"{matrix.path} suite {suite!r}")
-            for verdict in compare(result, baseline, tolerances):
-                if verdict.metric in CALIBRATED_METRICS:
-                    regressed = verdict.regressed or (verdict.metric == "decode_kernels_per_step"
-                                                      and kernel_changes(result, baseline) is not None)
-                    found[(result.id, verdict.metric)] = (regressed, verdict.change, result)
+            key = result.hardware["hardware_key"]
+            verdict = judge(result, store.get(key, result), policy, metrics=CALIBRATED_METRICS, hardware_key=key)
+            regressed = {check.metric for check in verdict.checks if check.status is Status.REGRESSED}
+            for check in verdict.checks:
+                if check.compared:
+                    found[(result.id, check.metric or "")] = (check.metric in regressed, check.change, result)
     return found
 
 

@@ -9,6 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.baselines import BaselineStore
+from harness.gate import add_gate_options
+
+NOTHING_COMPARED = 3  # `quantbench gate`'s exit status when no figure could be held against a baseline
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The `quantbench` argument parser: every subcommand and its options (docs/cli.md describes them)."""
@@ -28,14 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--pool", action="store_true",
                      help="pool each repeated figure's samples with the stored baseline's instead of replacing it "
                           "(baselines that span several runners or days of one hardware key)")
-    gate = sub.add_parser("gate", help="hold a run's results files (*.jsonl) against the baselines of the hardware "
-                          "that produced them, offline; exit 1 on any regression")
+    gate = sub.add_parser("gate", help="judge a run's results files (*.jsonl) again, offline, against the baselines "
+                          "of the hardware key the run gated under, as the live run judged them; exit 1 on any "
+                          f"failure, {NOTHING_COMPARED} when nothing could be compared")
     gate.add_argument("results", nargs="+", type=Path)
     gate.add_argument("--matrix", type=Path, default=Path("benchmarks/matrix.toml"),
                       help="the matrix whose suites' tolerances apply (default: benchmarks/matrix.toml)")
     gate.add_argument("--failures-only", action="store_true", help="print only what failed")
-    gate.add_argument("--fail-unresolved", action="store_true",
-                      help="fail a figure whose spreads are wider than its tolerance (as the pytest option)")
+    add_gate_options(gate.add_argument)  # as the pytest plugin declares them
     cal = sub.add_parser("calibrate", help="how the gate told noise from an injected slowdown, per cell and device "
                          "figure, from a recording, A/A gates on other leases and an injected gate (JSON)")
     cal.add_argument("--record", nargs="+", type=Path, required=True,
@@ -69,9 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
-    from harness.baselines import BaselineStore
-
     store = BaselineStore(Path(args.baselines_dir))
     if args.command == "compare":
         from harness.report import compare_hardware
@@ -102,23 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     elif args.command == "gate":
-        from harness.baselines import BaselineError
-        from harness.config import MatrixError, load_matrix
-        from harness.gate import gate_results
-
-        try:
-            lines, failures, noisy = gate_results(store, args.results, load_matrix(args.matrix),
-                                                  fail_unresolved=args.fail_unresolved)
-        except (BaselineError, MatrixError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        for line in lines:
-            if not args.failures_only or line.startswith("FAIL"):
-                print(line)
-        print(f"{failures} failure(s) in {len(lines)} check(s)")
-        if noisy:
-            print(noisy)
-        return 1 if failures else 0
+        return gate(store, args)
     elif args.command == "calibrate":
         import json
 
@@ -183,6 +169,33 @@ def main(argv: list[str] | None = None) -> int:
         from harness.models import synthetic_folder
 
         print(synthetic_folder(args.arch, args.seed))
+    return 0
+
+
+def gate(store: BaselineStore, args: argparse.Namespace) -> int:
+    """`quantbench gate`: print each verdict's lines and the tallies; the exit status says how it ended."""
+    from harness.baselines import BaselineError
+    from harness.config import MatrixError, load_matrix
+    from harness.gate import GatePolicy, replay
+
+    try:
+        matrix = load_matrix(args.matrix)
+        policy = GatePolicy.from_options(lambda name: getattr(args, name[2:].replace("-", "_")), matrix)
+        report = replay(store, args.results, matrix, policy, hardware_key=args.hardware_key)
+    except (BaselineError, MatrixError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in report.lines:
+        if not args.failures_only or line.startswith("FAIL"):
+            print(line)
+    print(f"{report.failures} failure(s) in {len(report.lines)} check(s)")
+    if report.noisy:
+        print(report.noisy)
+    if report.failures:
+        return 1
+    if report.nothing_compared:
+        print(report.nothing_compared)
+        return NOTHING_COMPARED
     return 0
 
 

@@ -1,17 +1,27 @@
-"""The offline side of the baseline store: results files merged into it, and gated against it again.
+"""The gate: one cell's results judged against its baseline under one policy, live and offline.
+
+`judge` is the only place that decides whether a cell passes: the pytest plugin calls it for every test of a
+cell (and to decide whether to recheck one), and `quantbench gate` calls it for every result of a run's
+results files (`replay`), so a run read back is judged as it was judged live. It is pure: the front ends load
+the results and the baseline, and map its `CellVerdict` to pass, skip and fail or to printed lines. The options
+that shape the policy are declared once for both front ends (`add_gate_options`).
 
 Above results (which reads a run's files) and baselines (the store and its rules), so that neither imports
-the other.
+the other; this module also merges results files into the store (`import_results`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from harness.baselines import (
     BaselineStore,
     Tolerances,
+    Verdict,
     compare,
     kernel_changes,
     provenance_mismatch,
@@ -20,7 +30,303 @@ from harness.baselines import (
     stale_figures,
     unresolved_message,
 )
+from harness.measure.consistency import describe_failure
+from harness.metrics import DEVICE_METRICS
 from harness.results import CellResult, read_run
+
+RECORD = "record one with --update-baselines"
+RERECORD = "re-record it with --update-baselines"
+
+
+class Status(StrEnum):
+    """What the gate found, for one check and for a cell; the values are the results summary's vocabulary."""
+
+    PASS = "ok"
+    IMPROVED = "improved"  # better by more than the tolerance and the noise (a check only; the cell passes)
+    UNRESOLVED = "unresolved"  # passed, but the spreads were wider than the tolerance
+    REGRESSED = "regressed"
+    STALE = "stale"  # a baseline figure read another way (a check only; the cell is incomparable)
+    MISSING = "missing"  # no baseline, or no baseline figure
+    INCOMPARABLE = "incomparable"  # the baseline was measured differently, or some of its figures are stale
+    RECORDED = "updated"  # --update-baselines: the figures became the baseline, nothing was compared
+    ERROR = "error"  # the run failed, a figure is not finite, the device timer or batch consistency failed
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One thing a cell was held to: a figure against its baseline's, or a condition of its run (`metric` None).
+
+    `change` is relative to the baseline and signed so that + is worse; `noise` is the relative change the
+    spreads explain and `noise_abs` the same in the metric's unit (`baselines.Verdict`). `fails` says whether
+    this check fails the cell under the policy it was judged by.
+    """
+
+    metric: str | None
+    status: Status
+    message: str
+    fails: bool
+    baseline: float | None = None
+    measured: float | None = None
+    change: float | None = None
+    tolerance: float | None = None
+    noise: float | None = None
+    noise_abs: float | None = None
+    why: str | None = None  # a stale figure: what was read another way
+
+    @property
+    def delta_percent(self) -> float | None:
+        """The change in percent, + worse (None for a check that compares no figure)."""
+        return None if self.change is None else 100 * self.change
+
+    @property
+    def compared(self) -> bool:
+        """A figure held against its baseline figure."""
+        return self.change is not None
+
+
+@dataclass(frozen=True)
+class CellVerdict:
+    """The gate's verdict on one cell (one batch size, or the per-model figures): its checks and its status."""
+
+    cell: str
+    status: Status
+    checks: tuple[Check, ...] = ()
+    hardware_key: str | None = None
+    baseline_path: str | None = None
+    differences: tuple[str, ...] = ()  # what differed from the baseline's run, where a comparison failed
+    rechecked: bool = False  # the figures were pooled over a recheck
+
+    @property
+    def failed(self) -> bool:
+        return any(check.fails for check in self.checks)
+
+    @property
+    def reason(self) -> str:
+        """The first check's message: why a cell was skipped, or failed as a whole."""
+        return self.checks[0].message if self.checks else self.cell
+
+    def failure_text(self) -> str:
+        """What a failing test says: one line per failing check, then what differed from the baseline's run."""
+        lines = []
+        for check in self.checks:
+            if not check.fails:
+                continue
+            if check.status is Status.STALE:  # a test names the file to re-record
+                lines.append(f"{self.cell}: {check.metric} of the baseline in {self.baseline_path} was read another "
+                             f"way ({check.why}); {RERECORD}")
+            else:
+                lines.append(check.message)
+        if self.differences:
+            lines.append(f"{self.cell}: the baseline's run differed in: {', '.join(self.differences)}")
+        return "\n".join(lines)
+
+    def lines(self) -> list[str]:
+        """What `quantbench gate` prints: one line per check, `ok`, `noisy`, `new` or `FAIL` first.
+
+        A failing comparison's line ends with what differed from the baseline's run; a figure the baseline lacks
+        is printed only where it fails (--strict-baselines).
+        """
+        differed = f"; the baseline's run differed in: {', '.join(self.differences)}" if self.differences else ""
+        lines = []
+        for check in self.checks:
+            if check.status is Status.SKIPPED:
+                continue
+            if check.status is Status.MISSING and not check.fails:
+                if check.metric is None:
+                    lines.append(f"new  {self.cell}: no baseline under {self.hardware_key}")
+            elif check.fails:
+                compared = check.status in (Status.REGRESSED, Status.UNRESOLVED)
+                lines.append(f"FAIL {check.message}{differed if compared else ''}")
+            elif check.status is Status.UNRESOLVED:
+                lines.append(f"noisy {check.message}")
+            else:
+                lines.append(f"ok   {check.message}")
+        return lines
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """How figures are held to their baselines: the tolerances of each matrix suite (with --tolerance applied),
+    whether a missing baseline fails (--strict-baselines) and whether a check the noise hid fails
+    (--fail-unresolved)."""
+
+    tolerances: Mapping[str, Tolerances] = field(default_factory=dict)
+    strict_baselines: bool = False
+    fail_unresolved: bool = False
+
+    @classmethod
+    def from_options(cls, option: Callable[[str], Any], matrix: Any) -> GatePolicy:
+        """The policy of the options `add_gate_options` declared, read by `option("--name")`, over `matrix`.
+
+        Raises ValueError naming a --tolerance that names an unknown metric or method or is out of range.
+        """
+        specs = list(option("--tolerance") or [])
+        tolerances = {
+            name: Tolerances.from_mapping(suite.tolerances, f"{matrix.path} suite {name!r} tolerances").with_cli(
+                specs, matrix.methods)
+            for name, suite in matrix.suites.items()
+        }
+        return cls(tolerances, bool(option("--strict-baselines")), bool(option("--fail-unresolved")))
+
+    def for_suite(self, suite: str) -> Tolerances:
+        """The tolerances of the matrix suite `suite`."""
+        try:
+            return self.tolerances[suite]
+        except KeyError:
+            raise ValueError(f"no tolerances for suite {suite!r} (suites: {', '.join(self.tolerances)})") from None
+
+
+def add_gate_options(addoption: Callable[..., Any]) -> None:
+    """Declare the options of the gate's policy on either front end: a pytest option group's `addoption` or an
+    argparse parser's `add_argument` (both take argparse's arguments)."""
+    addoption("--strict-baselines", action="store_true",
+              help="fail cells that have no baseline, and figures their baseline does not have")
+    addoption("--fail-unresolved", action="store_true",
+              help="fail a figure whose spreads (baseline and run) are wider than its tolerance, since a regression "
+                   "within that noise would pass (release gates on dedicated runners)")
+    addoption("--tolerance", action="append", default=[], metavar="[METHOD:]METRIC=FRACTION",
+              help="override a tolerance, e.g. decode_tokens_per_s=0.1 or bnb-int8:ppl=0.02")
+    addoption("--hardware-key", default=None,
+              help="the hardware key whose baselines gate (and --update-baselines writes); default: this machine's "
+                   "(quantbench gate: the key the run recorded, else the one each result was measured on)")
+
+
+def _check(verdict: Verdict, status: Status, message: str, fails: bool) -> Check:
+    return Check(verdict.metric, status, message, fails, verdict.baseline, verdict.measured, verdict.change,
+                 verdict.tolerance, verdict.noise, verdict.noise_abs)
+
+
+def _figure_check(verdict: Verdict, policy: GatePolicy, pooled: str) -> Check:
+    if verdict.regressed:
+        return _check(verdict, Status.REGRESSED, verdict.message + pooled, True)
+    if verdict.unresolved:
+        if policy.fail_unresolved:
+            return _check(verdict, Status.UNRESOLVED, unresolved_message(verdict) + pooled, True)
+        return _check(verdict, Status.UNRESOLVED, verdict.message, False)
+    improved = -verdict.change > verdict.tolerance and -verdict.change > verdict.noise
+    return _check(verdict, Status.IMPROVED if improved else Status.PASS, verdict.message, False)
+
+
+def _nothing_to_gate(result: CellResult, metrics: list[str]) -> str:
+    """Why none of `metrics` was measured for `result` (a skip's reason)."""
+    device = result.details.get("device_timing") or {}
+    if "unavailable" in device and set(metrics) <= set(DEVICE_METRICS):
+        return f"{result.id}: no device figures: {device['unavailable']}"
+    quantization = result.details.get("quantization") or {}
+    if any(m.startswith("quantize_") for m in metrics) and quantization.get("checkpoint"):
+        return (f"{result.id}: quantization not measured in this run: the checkpoint "
+                + ("is the user's" if quantization.get("user_checkpoint")
+                   else f"came from the cache (built {quantization.get('built_at')}, "
+                        f"{quantization.get('quantize_s', 0):.1f} s); delete it to measure again"))
+    why = result.details.get("reference")
+    return (f"{result.id}: {', '.join(metrics)} not measured"
+            + (f": {why}" if isinstance(why, str) else " for this method, device or suite"))
+
+
+def skipped(cell: str, why: str) -> CellVerdict:
+    """A cell that was not measured (`why` names the cell)."""
+    return CellVerdict(cell, Status.SKIPPED, (Check(None, Status.SKIPPED, why, False),))
+
+
+def cell_error(cell: str, why: str) -> CellVerdict:
+    """A cell that fails as a whole: `why` names the cell and what went wrong (a store that cannot be read or
+    written)."""
+    return CellVerdict(cell, Status.ERROR, (Check(None, Status.ERROR, why, True),))
+
+
+def run_failed(cell: str, why: str) -> CellVerdict:
+    """A cell whose run failed: no result, or a result carrying the run's error."""
+    return cell_error(cell, f"{cell}: the run failed: {why}")
+
+
+def judge_consistency(result: CellResult) -> CellVerdict:
+    """Batch consistency: whether a left-padded batch's greedy tokens equal the lone prompts'."""
+    report = result.details.get("batch_consistency")
+    if report is None:
+        return skipped(result.id, f"{result.id}: batch consistency is off (run.consistency_tokens = 0)")
+    if report.get("consistent") is None:
+        return skipped(result.id, f"{result.id}: {report.get('reason')}")
+    if report["consistent"]:
+        return CellVerdict(result.id, Status.PASS, (Check(None, Status.PASS, f"{result.id}: batch consistent", False),))
+    described = describe_failure(report) if report.get("rows") else ""
+    return cell_error(result.id, f"{result.id}: batched rows differ from rows generated alone"
+                             + (f": {described}" if described else ""))
+
+
+def judge(result: CellResult, baseline: CellResult | None, policy: GatePolicy, *, metrics: Iterable[str] | None = None,
+          hardware_key: str | None = None, baseline_path: Path | str | None = None,
+          recording: bool = False) -> CellVerdict:
+    """Judge `result` against `baseline` (None: there is none) under `policy`.
+
+    `metrics` are the figures gated (a test's); None gates every figure, and batch consistency too (the offline
+    gate). `hardware_key` and `baseline_path` only name where the baseline was looked for. With `recording`
+    (--update-baselines) nothing is compared: only what makes figures no measurement fails.
+
+    A cell fails when its run failed, a gated figure is not finite, the device timer failed under a device
+    figure, a figure regressed (worse by more than its tolerance and its noise), the decode step's kernels
+    changed, the baseline was measured differently or a figure of it read another way; under the policy, also
+    when the baseline (or one of its figures) is missing, or the noise hid a figure's tolerance.
+    """
+    cell = result.id
+    where = {"hardware_key": hardware_key, "baseline_path": None if baseline_path is None else str(baseline_path)}
+    if result.error:
+        return run_failed(cell, result.error)
+    asked = None if metrics is None else list(metrics)
+    broken = result.details.get("non_finite_figures") or {}
+    errors = [Check(name, Status.ERROR, line, True)
+              for name in (sorted(broken) if asked is None else asked) if name in broken
+              for line in result.non_finite([name])]
+    if asked is None:
+        consistency = judge_consistency(result)
+        errors += [check for check in consistency.checks if check.fails]
+    timer = (result.details.get("device_timing") or {}).get("error")
+    device = [Check(None, Status.ERROR, f"{cell}: the device timer failed: {timer}", True)] \
+        if timer and (asked is None or set(asked) & set(DEVICE_METRICS)) else []
+    wanted = [m for m in (sorted(result.figures) if asked is None else asked) if m in result.figures]
+    if not wanted and not errors + device:
+        why = _nothing_to_gate(result, asked) if asked else f"{cell}: no figures measured"
+        return replace(skipped(cell, why), **where)
+
+    def verdict(status: Status, checks: list[Check], **more: Any) -> CellVerdict:
+        return CellVerdict(cell, Status.ERROR if errors + device else status, tuple(errors + checks + device),
+                           **where, **more)
+
+    if recording or not wanted:  # nothing to compare: only the errors above can fail the cell
+        return verdict(Status.RECORDED, [])
+    if baseline is None:
+        return verdict(Status.MISSING, [Check(None, Status.MISSING, f"{cell}: no baseline in {baseline_path}; {RECORD}",
+                                              policy.strict_baselines)])
+    mismatch = provenance_mismatch(result, baseline)
+    if mismatch:
+        return verdict(Status.INCOMPARABLE, [Check(
+            None, Status.INCOMPARABLE, f"{cell}: the baseline in {baseline_path} was measured differently "
+                                       f"({'; '.join(mismatch)}); {RERECORD}", True)])
+    gated = replace(result, figures={m: result.figures[m] for m in wanted})
+    processes = int((result.config.get("run") or {}).get("processes") or 1)
+    rechecked = result.details.get("pooled_runs", 1) > processes  # a recheck pools one run beyond the processes
+    pooled = " (pooled over a recheck)" if rechecked else ""
+    stale = [Check(name, Status.STALE, f"{name} of {cell}: the baseline was read another way ({why}); {RERECORD}",
+                   True, why=why) for name, why in stale_figures(gated, baseline).items()]
+    figures = [_figure_check(v, policy, pooled) for v in compare(gated, baseline, policy.for_suite(
+        result.config.get("suite", "")))]
+    kernels = kernel_changes(gated, baseline) if "decode_kernels_per_step" in wanted else None
+    if kernels:
+        figures.append(Check("decode_kernels_per_step", Status.REGRESSED, kernels, True))
+    missing = [Check(m, Status.MISSING, f"{cell}: baseline has no {m}; record it with --update-baselines",
+                     policy.strict_baselines) for m in wanted if m not in baseline.figures]
+    differences = tuple(run_differences(gated, baseline)) if any(c.fails for c in figures) else ()
+    statuses = {check.status for check in figures if check.fails}
+    status = (Status.REGRESSED if Status.REGRESSED in statuses else Status.INCOMPARABLE if stale
+              else Status.MISSING if any(c.fails for c in missing) else Status.UNRESOLVED if statuses
+              else Status.PASS)
+    return verdict(status, stale + figures + missing, differences=differences, rechecked=rechecked)
+
+
+def recheck_reasons(result: CellResult, verdict: CellVerdict) -> list[str]:
+    """The regressions of `verdict` that measuring again could clear: figures with repeats (speeds)."""
+    return [check.message for check in verdict.checks
+            if check.status is Status.REGRESSED and check.compared and len(result.figures[check.metric].samples) > 1]
 
 
 def import_results(store: BaselineStore, paths: list[Path], pool: bool = False) -> dict[Path, list[Path]]:
@@ -47,82 +353,58 @@ def import_results(store: BaselineStore, paths: list[Path], pool: bool = False) 
     return written
 
 
-def gate_results(
-    store: BaselineStore, paths: list[Path], matrix: Any, fail_unresolved: bool = False
-) -> tuple[list[str], int, str | None]:
-    """Hold the figures of results files against the stored baselines of the hardware that measured them.
+@dataclass(frozen=True)
+class GateReport:
+    """A run's results files judged again: every verdict, the lines `quantbench gate` prints, and the tallies."""
 
-    The gate of a run, again, offline (a GPU runner's artifact checked on any machine): each result is held
-    to the tolerances of the matrix suite it was measured in. Returns one line per figure or problem, and
-    the number of failures: regressions, errors of the run, batch-consistency failures and baselines
-    measured differently; and a line counting, per metric, the figures that passed with spreads wider
-    than their tolerance (None when there are none). Those figures are marked `noisy`, or `FAIL` with
-    `fail_unresolved`. A failing figure's line ends with what differed between the baseline's run and
-    this one (library versions, driver, host; `run_differences`).
+    verdicts: list[CellVerdict]
+    lines: list[str]
+    noisy: str | None  # the checks that passed with spreads wider than their tolerance, per metric
+    nothing_compared: str | None  # why no figure was held against a baseline; None when some were
+
+    @property
+    def failures(self) -> int:
+        return sum(line.startswith("FAIL") for line in self.lines)
+
+
+def replay(store: BaselineStore, paths: list[Path], matrix: Any, policy: GatePolicy | None = None,
+           hardware_key: str | None = None) -> GateReport:
+    """Judge the results of a run's files again, offline, as the live run judged them (`judge`, every figure).
+
+    Each result is held to the tolerances of the matrix suite it was measured in, against the baselines of
+    `hardware_key`, else of the key the run recorded for its suite (--hardware-key included), else of the key
+    its worker detected. Without a `policy`, the matrix's tolerances as they are, nothing strict.
     """
-    lines: list[str] = []
-    failures = 0
-    checks: list[tuple[str, bool]] = []  # (metric, whether its spreads hid the tolerance) of every verdict
-    tolerances: dict[str, Tolerances] = {}
+    if policy is None:
+        policy = GatePolicy.from_options({}.get, matrix)
+    verdicts: list[CellVerdict] = []
+    keys: set[str] = set()
     for path in paths:
         run = read_run(path)
-        failures += len(run.failures)
-        lines.extend(f"FAIL {failure}" for failure in run.failures)
+        verdicts += [run_failed(cell, why) for cell, why in run.failures]
         for result in run.results:
-            key = result.hardware.get("hardware_key")
+            suite = result.config.get("suite")
+            key = hardware_key or run.hardware_keys.get(suite) or result.hardware.get("hardware_key")
             if not key:
                 raise ValueError(f"{path}: {result.id} has no hardware.hardware_key")
-            suite = result.config.get("suite")
             if suite not in matrix.suites:
                 raise ValueError(f"{path}: {result.id} was measured in suite {suite!r}, which {matrix.path} "
                                  f"does not have (suites: {', '.join(matrix.suites)})")
-            if suite not in tolerances:
-                tolerances[suite] = Tolerances.from_mapping(matrix.suites[suite].tolerances,
-                                                            f"{matrix.path} suite {suite!r} tolerances")
-            if result.error:
-                failures += 1
-                lines.append(f"FAIL {result.id}: the run failed: {result.error}")
-                continue
-            broken = result.non_finite(sorted(result.details.get("non_finite_figures") or {}))
-            failures += len(broken)
-            lines.extend(f"FAIL {line}" for line in broken)
-            consistency = result.details.get("batch_consistency") or {}
-            if consistency.get("consistent") is False:
-                failures += 1
-                lines.append(f"FAIL {result.id}: batched rows differ from rows generated alone")
-            baseline = store.get(key, result)
-            if baseline is None:
-                lines.append(f"new  {result.id}: no baseline under {key}")
-                continue
-            mismatch = provenance_mismatch(result, baseline)
-            if mismatch:
-                failures += 1
-                lines.append(f"FAIL {result.id}: the baseline was measured differently ({'; '.join(mismatch)})")
-                continue
-            stale = stale_figures(result, baseline)
-            for name, why in stale.items():
-                failures += 1
-                lines.append(f"FAIL {name} of {result.id}: the baseline was read another way ({why})")
-            differences = run_differences(result, baseline)
-            differed = f"; the baseline's run differed in: {', '.join(differences)}" if differences else ""
-            for verdict in compare(result, baseline, tolerances[suite]):
-                checks.append((verdict.metric, verdict.unresolved))
-                if verdict.regressed:
-                    failures += 1
-                    lines.append(f"FAIL {verdict.message}{differed}")
-                elif verdict.resolved:
-                    lines.append(f"ok   {verdict.message}")
-                elif fail_unresolved:
-                    failures += 1
-                    lines.append(f"FAIL {unresolved_message(verdict)}{differed}")
-                else:
-                    lines.append(f"noisy {verdict.message}")
-            kernels = kernel_changes(result, baseline)
-            if kernels:
-                failures += 1
-                lines.append(f"FAIL {kernels}{differed}")
-            device_error = (result.details.get("device_timing") or {}).get("error")
-            if device_error:
-                failures += 1
-                lines.append(f"FAIL {result.id}: the device timer failed: {device_error}")
-    return lines, failures, resolution_summary(checks)
+            keys.add(key)
+            verdicts.append(judge(result, store.get(key, result), policy, hardware_key=key,
+                                  baseline_path=store.path(key, result.model)))
+    compared = [check for verdict in verdicts for check in verdict.checks if check.compared]
+    noisy = resolution_summary((check.metric or "", check.status is Status.UNRESOLVED) for check in compared)
+    nothing = None if compared else _why_nothing_compared(store, verdicts, keys)
+    return GateReport(verdicts, [line for verdict in verdicts for line in verdict.lines()], noisy, nothing)
+
+
+def _why_nothing_compared(store: BaselineStore, verdicts: list[CellVerdict], keys: set[str]) -> str:
+    if not verdicts:
+        return "nothing was compared: the results files hold no cell results"
+    if any(verdict.status is Status.MISSING for verdict in verdicts):
+        stored = ", ".join(store.hardware_keys()) or "none"
+        return (f"nothing was compared: no cell has a baseline under {', '.join(sorted(keys))} in {store.root} "
+                f"(keys stored: {stored}); record them (quantbench import-results, or pytest --update-baselines), "
+                "or name the run's key with --hardware-key")
+    return "nothing was compared: every cell failed, was skipped or has a baseline measured differently"

@@ -168,10 +168,13 @@ def pool_results(first: list[CellResult], again: list[CellResult]) -> list[CellR
 
 @dataclass
 class RunRead:
-    """A run's results file read as the run gated it: pooled results, and the failures no result carries."""
+    """A run's results file read as the run gated it: pooled results, the failures no result carries (cell, why),
+    and the hardware key the run gated each suite under, where its records say (files written before they did,
+    none)."""
 
     results: list[CellResult]
-    failures: list[str]
+    failures: list[tuple[str, str]]
+    hardware_keys: dict[str, str] = field(default_factory=dict)
 
 
 def read_run(path: Path) -> RunRead:
@@ -188,14 +191,17 @@ def read_run(path: Path) -> RunRead:
     for record in _records(path):
         by_cell.setdefault(str(record.get("cell") or f"line {record['line']}"), []).append(record)
     results: list[CellResult] = []
-    failures: list[str] = []
+    failures: list[tuple[str, str]] = []
+    keys: dict[str, str] = {}
     for cell, records in by_cell.items():
+        keys.update({record["suite"]: record["hardware_key"] for record in records
+                     if record.get("suite") and record.get("hardware_key")})
         processes = next((int(r.config.get("run", {}).get("processes") or 1)
                           for record in records for r in record["results"]), 1)
         first = records[0]
         pooled: list[CellResult] = first["results"]
         if first.get("status") not in ("ok", "skipped"):
-            failures.append(f"{cell}: the run failed: worker {first.get('status')}: {first.get('reason')}")
+            failures.append((cell, f"worker {first.get('status')}: {first.get('reason')}"))
         number = 1
         for record in records[1:] if first.get("status") == "ok" else []:
             role = record.get("role") or ("process" if number < processes else "recheck")
@@ -206,10 +212,10 @@ def read_run(path: Path) -> RunRead:
                     why = f"process {number} of {processes}: worker {record.get('status')}: {record.get('reason')}"
                     pooled = [replace(r, error=r.error or why) for r in pooled]
                     if not pooled:
-                        failures.append(f"{cell}: the run failed: {why}")
+                        failures.append((cell, why))
                     break
             elif not ok:
                 continue  # a failed recheck leaves the first figures to be gated, as in the run
             pooled = pool_results(pooled, record["results"])
         results.extend(pooled)
-    return RunRead(results, failures)
+    return RunRead(results, failures, keys)

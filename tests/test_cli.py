@@ -5,7 +5,7 @@ import json
 import pytest
 
 from harness.baselines import BaselineStore
-from harness.cli import main
+from harness.cli import NOTHING_COMPARED, main
 from harness.config import ModelSpec
 from harness.models import ModelError, resolve
 from harness.results import CellResult, Figure
@@ -211,8 +211,11 @@ def test_gate_marks_a_figure_whose_spreads_hide_its_tolerance_and_fails_it_only_
 def test_gate_reports_a_cell_without_baseline_and_an_unknown_suite(tmp_path, capsys):
     results = tmp_path / "run.jsonl"
     write_results(results, [gated_cell(100.0, key="gpu-new")])
-    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 0
-    assert "new  fp16|m|b1: no baseline under gpu-new" in capsys.readouterr().out
+    # not a failure, but no pass either: nothing was compared (exit status NOTHING_COMPARED, saying why)
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == NOTHING_COMPARED
+    out = capsys.readouterr().out
+    assert "new  fp16|m|b1: no baseline under gpu-new" in out
+    assert "nothing was compared: no cell has a baseline under gpu-new" in out
     odd = gated_cell(100.0)
     odd.config["suite"] = "nightly"
     write_results(results, [odd])
@@ -299,7 +302,10 @@ def test_a_worker_that_failed_before_measuring_fails_the_offline_gate(tmp_path, 
     assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 1
     assert "FAIL cpu:fp16|m: the run failed: worker error: worker error" in capsys.readouterr().out
     write_records(results, ("skipped", "process", []))
-    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 0
+    # a skipped cell does not fail, but a file of skipped cells compared nothing
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == NOTHING_COMPARED
+    assert "FAIL" not in (out := capsys.readouterr().out) and "nothing was compared: the results files hold no cell " \
+        "results" in out
 
 
 def test_bandwidth_write_stores_the_measurement_with_its_provenance(tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 from harness import plugin
 from harness.baselines import BaselineError, BaselineStore, RelativeNoiseAwareRule, Tolerances
 from harness.config import MatrixError, load_matrix
-from harness.gate import gate_results
+from harness.gate import replay
 from harness.isolation import Outcome, run_isolated
 from harness.results import CellResult, Figure
 
@@ -117,7 +117,8 @@ def test_a_nan_figure_in_an_older_results_file_fails_the_offline_gate(tmp_path):
     cells[0]["figures"]["ppl"]["value"] = math.nan  # as written before NaN was caught
     results.write_text(json.dumps({"cell": "cpu:fp32|tiny", "role": "process", "status": "ok", "results": cells}))
     (tmp_path / "matrix.toml").write_text(MATRIX)
-    lines, failures, _ = gate_results(store, [results], load_matrix(tmp_path / "matrix.toml"))
+    report = replay(store, [results], load_matrix(tmp_path / "matrix.toml"))
+    lines, failures = report.lines, report.failures
     assert failures == 1
     assert [line for line in lines if line.startswith("FAIL")] == [
         "FAIL ppl of fp32|tiny measured nan, not a finite number: the measurement is broken (a corrupted cached "
