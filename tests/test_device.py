@@ -209,17 +209,26 @@ def test_the_worker_records_device_figures_on_a_gpu_and_says_why_not_elsewhere(m
                                                         "capturing"}
 
 
-def test_the_committed_h200_calibration_replays_from_its_runs():
-    """gate-calibration.json is what `quantbench calibrate` makes of the committed runs (README there)."""
+def _files(*names: str) -> list[Path]:
+    return [EVIDENCE / f"device-{name}-results.jsonl" for name in names]
+
+
+@pytest.mark.parametrize("document_name, baselines, record, aa, injected", [
+    # against the committed baselines: runs O and Q recorded, runs P and R gated on other cards
+    ("gate-calibration.json", ROOT / "baselines",
+     ("tiny-rerecord", "tiny-int8-record", "tiny-4bit-record", "7b-record", "tiny-bf16-record", "7b-compiled-record"),
+     [("aa4",), ("aa3",)], ()),
+    # against run L's baselines (kept beside the runs that gated them), which run Q replaced: runs M and N
+    ("gate-calibration-run-L.json", EVIDENCE / "baselines-run-L", ("record", "record-compiled"),
+     [("aa1", "aa1-compiled"), ("aa2",)], ("injected2",)),
+])
+def test_the_committed_h200_calibrations_replay_from_their_runs(document_name, baselines, record, aa, injected):
+    """Each calibration document is what `quantbench calibrate` makes of the committed runs (README there)."""
     import json
 
-    def files(*names: str) -> list[Path]:
-        return [EVIDENCE / f"device-{name}-results.jsonl" for name in names]
-
-    document = calibrate(BaselineStore(ROOT / "baselines"), load_matrix(ROOT / "benchmarks" / "matrix.toml"),
-                         files("record", "record-compiled", "7b-record", "tiny-bf16-record", "7b-compiled-record"),
-                         [files("aa1", "aa1-compiled"), files("aa2"), files("aa3")], files("injected2"))
-    committed = json.loads((EVIDENCE / "gate-calibration.json").read_text())
+    document = calibrate(BaselineStore(baselines), load_matrix(ROOT / "benchmarks" / "matrix.toml"),
+                         _files(*record), [_files(*names) for names in aa], _files(*injected))
+    committed = json.loads((EVIDENCE / document_name).read_text())
     assert [c for c in document["cells"]] == committed["cells"]
     for entry in document["cells"]:
         assert entry["aa_failures"] == 0
