@@ -5,40 +5,27 @@ Registered through the `pytest11` entry point, so its options and markers work f
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from harness import hardware
-from harness.baselines import BaselineError, BaselineStore, Tolerances, resolution_summary
+from harness.baselines import BaselineStore, Tolerances, resolution_summary
 from harness.config import Cell, Matrix, MatrixError, load_matrix
-from harness.gate import (
-    CellVerdict,
-    GatePolicy,
-    Status,
-    add_gate_options,
-    cell_error,
-    judge,
-    judge_consistency,
-    recheck_reasons,
-    run_failed,
-    skipped,
-)
-from harness.hardware import cpu_share_env, gpu_info, hardware_key, worker_cpu_share, worker_gpu_env
-from harness.isolation import Outcome, run_isolated
-from harness.methods import BACKENDS, Method, method_class
+from harness.gate import CellVerdict, GatePolicy, Status, add_gate_options, judge_consistency, run_failed
+from harness.hardware import gpu_info
+from harness.isolation import Outcome
+from harness.methods import BACKENDS, method_class
 from harness.metrics import TASK_PREFIX
 from harness.results import CellResult, cell_id, json_safe
+from harness.runner import RESULTS_SCHEMA_VERSION, Runner, RunOptions, new_run_id
 
-RESULTS_SCHEMA_VERSION = 1
 DEFAULT_MATRIX = Path("benchmarks") / "matrix.toml"
 STANDARD_MARKERS = {
     "gpu": "cells of the GPU suite (CUDA)",
@@ -112,13 +99,6 @@ class CellRef:
         return cell_id(self.cell.method.name, self.cell.model.name, self.batch_size)
 
 
-def new_run_id() -> str:
-    """A run's id: its UTC start to the microsecond and its process id, so ids sort by start time and two runs
-    started in the same second (or microsecond, on one host) never share a results file or a summary."""
-    now = time.time()
-    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}.{int(now % 1 * 1e6):06d}Z-p{os.getpid()}"
-
-
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -142,41 +122,18 @@ class QuantBench:
         self.matrix_path = Path(option("--matrix")) if option("--matrix") else root / DEFAULT_MATRIX
         self.store = BaselineStore(Path(option("--baselines-dir") or root / "baselines"))
         self.results_dir = Path(option("--results-dir") or root / "results")
-        self.update = option("--update-baselines")
-        self.pool_baselines = option("--pool-baselines")
-        if self.pool_baselines and not self.update:
-            raise pytest.UsageError("--pool-baselines pools this run into the stored baselines: it needs "
-                                    "--update-baselines")
-        self.replace_unreadable = option("--replace-unreadable-baselines")
-        if self.replace_unreadable and not self.update:
-            raise pytest.UsageError("--replace-unreadable-baselines replaces unreadable baseline files with this "
-                                    "run's: it needs --update-baselines")
-        self.delay_ms = option("--inject-decode-delay-ms")
-        self.processes = option("--processes")
-        if self.processes is not None and self.processes < 1:
-            raise pytest.UsageError(f"--processes: must be 1 or more, got {self.processes}")
-        self.device_slowdown = option("--inject-device-slowdown") or 0.0
-        if not 0 <= self.device_slowdown < 1:
-            raise pytest.UsageError(f"--inject-device-slowdown: a fraction in [0, 1), got {self.device_slowdown}")
-        if self.update and (self.delay_ms or self.device_slowdown):
-            raise pytest.UsageError("--inject-decode-delay-ms and --inject-device-slowdown make cells slower on "
-                                    "purpose; they cannot be combined with --update-baselines")
+        try:
+            self.options = RunOptions.from_options(option)
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
         # an xdist worker writes under its controller's id (handed over in pytest_configure_node)
         self.run_id = (getattr(config, "workerinput", None) or {}).get("quantbench_run_id") or new_run_id()
-        self.outcomes: dict[str, Outcome] = {}
-        self.written: set[str] = set()  # cells with a record in the results file
-        self.recheck_enabled = option("--recheck") and not self.update
-        self.jobs: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}  # cell -> (measuring job, env)
-        self.rechecked: set[str] = set()
-        self.recheck_reasons: dict[str, list[str]] = {}  # cells pooled over a recheck: the regressions that asked
-        self.prepared: set[str] = set()  # models whose weights were built (or found) by a prepare worker
-        self.references: dict[tuple[str, str], str] = {}  # (suite, model) -> how its reference job ended
         self.records: list[dict[str, Any]] = []
         self.eval_cells: set[str] = set()  # cells whose task-accuracy test was selected (`-m eval`)
+        self._runner: Runner | None = None
         self._matrix: Matrix | None = None
         self._policy: GatePolicy | None = None
         self._matrix_error: str | None = None
-        self._keys: dict[str, str] = {}
 
     # ---- the matrix ------------------------------------------------------------------------------------
     def suite_names(self) -> list[str]:
@@ -217,203 +174,27 @@ class QuantBench:
         """The tolerances that hold the figures of `cell`: its suite's, with --tolerance applied."""
         return self.policy().for_suite(cell.suite.name)
 
+    @property
+    def runner(self) -> Runner:
+        """The run's cell pipeline (harness/runner.py), made when the first cell needs it."""
+        if self._runner is None:
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+            self._runner = Runner(self.matrix(), self.store, self.results_dir, self.policy(), self.options,
+                                  self.run_id, worker)
+            self._runner.eval_cells = self.eval_cells
+        return self._runner
+
     def hardware_key(self, device: str) -> str:
-        if device not in self._keys:
-            self._keys[device] = self.config.getoption("--hardware-key") or hardware_key(device)
-        return self._keys[device]
+        return self.runner.hardware_key(device)
 
-    # ---- running cells ---------------------------------------------------------------------------------
     def outcome(self, cell: Cell) -> Outcome:
-        """Run the cell's worker once (all its batch sizes) and keep the outcome for the other tests.
-
-        Whatever goes wrong while producing it, in a worker or in the harness around it, becomes the cell's
-        outcome: its other tests read the same one, and the worker never runs twice.
-        """
-        if cell.key not in self.outcomes:
-            try:
-                self.outcomes[cell.key] = self._produce(cell)
-            except Exception as exc:  # a harness fault, not the worker's: recorded once, like a worker error
-                outcome = Outcome("error", f"the harness failed while producing the outcome of {cell.key}: "
-                                           f"{type(exc).__name__}: {exc}")
-                if cell.key not in self.written:
-                    try:
-                        self._write_results(cell, outcome, "process")
-                    except OSError as again:
-                        outcome.reason += f"; its results record could not be written either ({again})"
-                self.outcomes[cell.key] = outcome
-        return self.outcomes[cell.key]
-
-    def _produce(self, cell: Cell) -> Outcome:
-        """Prepare, measure (and with --update-baselines store) one cell; see `outcome`."""
-        gpu = gpu_info() if cell.suite.device == "cuda" else None
-        if cell.suite.device == "cuda" and gpu is None:
-            outcome = Outcome("skipped", "no CUDA GPU on this machine (NVML sees none)")
-        else:
-            # under pytest-xdist each worker takes its own GPU, so a matrix spreads over a multi-GPU host, and
-            # its own slice of the CPUs, so one cell's compilers and host loop stay off another's timed region
-            worker = os.environ.get("PYTEST_XDIST_WORKER")
-            env = worker_gpu_env(worker, gpu["count"]) if gpu else {}
-            if not self.config.getoption("--no-cpu-split"):
-                count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-                env.update(cpu_share_env(worker_cpu_share(worker, count)))
-            job = {
-                "suite": cell.suite.name,
-                "device": cell.suite.device,
-                "method_class": BACKENDS[cell.method.backend],
-                "method": cell.method.to_dict(),
-                "model": {f: getattr(cell.model, f) for f in cell.model.__dataclass_fields__},
-                "batch_sizes": list(cell.batch_sizes),
-                "run": {**cell.suite.run.__dict__, "processes": self.processes or cell.suite.run.processes},
-                "accuracy": cell.suite.accuracy.__dict__,
-                "inject_decode_delay_ms": self.delay_ms,
-                "inject_device_slowdown": self.device_slowdown,
-            }
-            reference = self.matrix().methods.get(cell.suite.reference or "")
-            if reference is not None:
-                job["reference"] = {"method": reference.to_dict(), "role": "compare"}
-            if cell.key in self.eval_cells:
-                job["eval"] = dataclasses.asdict(cell.suite.eval)
-            outcome = Outcome("ok")
-            if cell.model.name not in self.prepared:
-                outcome = run_isolated({**job, "prepare_only": True}, cell.suite.run.cell_timeout_s, env)
-            if outcome.status == "ok":
-                self.prepared.add(cell.model.name)
-                cls = method_class(cell.method.backend)
-                if cls.prepare is not Method.prepare or not cls.TORCH_DEVICE:
-                    # the method builds its checkpoint in a process of its own (the quantization's cost), or
-                    # is measured without torch on the model and ids that process resolves (harness/worker.py)
-                    outcome = run_isolated({**job, "prepare_only": True, "prepare_method": True},
-                                           cell.suite.run.cell_timeout_s, env)
-                    job["prepared"] = outcome.prepared
-            if outcome.status == "ok":
-                if reference is not None:
-                    self._ensure_reference(cell, job, reference, env)
-                outcome = self._measure(cell, job, env)
-                self.jobs[cell.key] = (job, env)
-            else:
-                self._write_results(cell, outcome, "prepare")
-            if self.update and outcome.results:
-                try:
-                    self.store.merge(self.hardware_key(cell.suite.device), outcome.results,
-                                     pool=self.pool_baselines, replace_unreadable=self.replace_unreadable,
-                                     log=outcome.notes.append)
-                except (BaselineError, ValueError, OSError) as exc:
-                    # the worker measured; the figures are in the results file and the stored baselines stay
-                    # as they were (an unwritable folder, an invalid file)
-                    outcome.store_error = f"baselines not updated: {exc}"
-        return outcome
-
-    def _measure(self, cell: Cell, job: dict[str, Any], env: dict[str, str]) -> Outcome:
-        """Run the measuring job in `run.processes` processes, one after another, and pool their samples.
-
-        Each process's results are written as they come. A later process that fails fails the cell: its
-        first process's figures alone would pass for the pooled ones.
-        """
-        processes = job["run"]["processes"]
-        outcome = run_isolated(job, cell.suite.run.cell_timeout_s, env)
-        self._write_results(cell, outcome, "process")
-        for number in range(2, processes + 1):
-            if outcome.status != "ok":
-                break
-            again = run_isolated(job, cell.suite.run.cell_timeout_s, env)
-            self._write_results(cell, again, "process")
-            if again.status != "ok":
-                return replace(again, reason=f"process {number} of {processes}: {again.reason}", results=[])
-            outcome.pool(again)
-        return outcome
-
-    def _ensure_reference(self, cell: Cell, job: dict[str, Any], reference: Any, env: dict[str, str]) -> None:
-        """Have the reference method score the model's evaluation ids once (a worker caches its logits)."""
-        key = (cell.suite.name, cell.model.name)
-        if key in self.references:
-            return
-        outcome = run_isolated({**job, "method_class": BACKENDS[reference.backend], "method": reference.to_dict(),
-                                "reference": {"method": reference.to_dict(), "role": "compute"},
-                                "prepared": None},  # the cell's method's record is not the reference's
-                               cell.suite.run.cell_timeout_s, env)
-        # a failed reference leaves the cells without divergence figures; their details say why
-        self.references[key] = f"{outcome.status}: {outcome.reason}" if outcome.status != "ok" else "ok"
-
-    def repeated_regressions(self, cell: Cell) -> list[str]:
-        """The regressions of figures with repeats (speeds) in any batch size of a cell, against its baselines.
-
-        Looked at once, before the cell's first test is gated, so that a recheck pools every batch size and
-        every test of the cell gates the same figures whatever order they run in, as `quantbench gate` does
-        offline. A baseline that cannot be read is left to the tests to report.
-        """
-        outcome = self.outcomes.get(cell.key)
-        if outcome is None or outcome.status != "ok":
-            return []
-        key = self.hardware_key(cell.suite.device)
-        found: list[str] = []
-        for result in outcome.results:
-            if result.error:
-                continue
-            try:
-                baseline = self.store.get(key, result)
-            except BaselineError:
-                continue
-            found += recheck_reasons(result, judge(result, baseline, self.policy(), hardware_key=key,
-                                                   baseline_path=self.store.path(key, result.model)))
-        return found
-
-    def recheck(self, cell: Cell) -> bool:
-        """Measure a cell once more when a figure with repeats regressed, and pool each repeated figure's
-        samples with the first run's (--recheck).
-
-        Once per cell, before its first test is gated: then all its tests see the pooled figures. False when
-        rechecking is off or done, nothing regressed, or the second run failed.
-        """
-        if not self.recheck_enabled or cell.key in self.rechecked or cell.key not in self.jobs:
-            return False
-        self.rechecked.add(cell.key)
-        reasons = self.repeated_regressions(cell)
-        if not reasons:
-            return False
-        job, env = self.jobs[cell.key]
-        again = run_isolated(job, cell.suite.run.cell_timeout_s, env)
-        self._write_results(cell, again, "recheck")
-        if again.status != "ok":
-            return False
-        self.outcomes[cell.key].pool(again)
-        self.recheck_reasons[cell.key] = reasons
-        return True
-
-    def _write_results(self, cell: Cell, outcome: Outcome, role: str) -> None:
-        """Append one process's outcome to the run's results file; `role` (prepare, process or recheck) lets
-        `quantbench gate` and `import-results` pool the records as this run did (harness/results.read_run)."""
-        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-        path = self.results_dir / f"{self.run_id}-{worker}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # the suite and the key it was gated under let `quantbench gate` look where this run looked
-        record = {"schema_version": RESULTS_SCHEMA_VERSION, "cell": cell.key, "suite": cell.suite.name,
-                  "hardware_key": self.hardware_key(cell.suite.device), "role": role, "status": outcome.status,
-                  "reason": outcome.reason, "wall_s": outcome.wall_s,
-                  "results": [r.to_dict() for r in outcome.results]}
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-        self.written.add(cell.key)
+        """The cell's workers' outcome, run once (Runner.outcome)."""
+        return self.runner.outcome(cell)
 
     # ---- the gate ----------------------------------------------------------------------------------------
     def verdict(self, ref: CellRef, metrics: list[str]) -> tuple[CellResult | None, CellVerdict]:
         """The cell's result (pooled over a recheck where one ran) and the gate's verdict on `metrics` of it."""
-        outcome = self.outcome(ref.cell)
-        if outcome.status == "skipped":
-            return None, skipped(ref.id, f"{ref.id}: {outcome.reason}")
-        if outcome.store_error:
-            return None, cell_error(ref.id, f"{ref.id}: {outcome.store_error}")
-        self.recheck(ref.cell)
-        result = outcome.result(ref.batch_size)
-        if result is None:
-            return None, run_failed(ref.id, f"worker {outcome.status}: {outcome.reason}")
-        key = self.hardware_key(ref.cell.suite.device)
-        path = self.store.path(key, ref.cell.model.name)
-        try:
-            baseline = None if self.update else self.store.get(key, result)
-        except BaselineError as exc:
-            return result, cell_error(ref.id, str(exc))
-        return result, judge(result, baseline, self.policy(), metrics=metrics, hardware_key=key, baseline_path=path,
-                             recording=self.update)
+        return self.runner.verdict(ref.cell, ref.batch_size, metrics)
 
     def check(self, request: pytest.FixtureRequest, ref: CellRef, metrics: list[str],
               measured: Callable[[CellResult], None] | None = None) -> CellResult:
@@ -448,8 +229,8 @@ class QuantBench:
         notes = self.outcome(ref.cell).notes
         if notes:
             record["notes"] = notes
-        if ref.cell.key in self.recheck_reasons:
-            record["rechecked"] = self.recheck_reasons[ref.cell.key]
+        if ref.cell.key in self.runner.recheck_reasons:
+            record["rechecked"] = self.runner.recheck_reasons[ref.cell.key]
         for name in metrics:
             if name in result.figures:
                 fig = result.figures[name]

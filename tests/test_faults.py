@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness import plugin
+from harness import plugin, runner
 from harness.baselines import BaselineError, BaselineStore, RelativeNoiseAwareRule, Tolerances
 from harness.config import MatrixError, load_matrix
 from harness.gate import replay
@@ -69,7 +69,7 @@ def fake_workers(monkeypatch, measure):
             return Outcome("ok")
         return measure(job)
 
-    monkeypatch.setattr(plugin, "run_isolated", run)
+    monkeypatch.setattr(runner, "run_isolated", run)
     return calls
 
 
@@ -347,15 +347,15 @@ def test_an_evaluation_text_too_short_for_one_window_is_refused_with_the_counts(
 # ---- 8. unique run ids ------------------------------------------------------------------------------------------
 
 def test_two_runs_started_in_the_same_second_never_share_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(plugin.time, "time", lambda: 1_700_000_000.25)  # the same instant, even
-    monkeypatch.setattr(plugin.os, "getpid", lambda: 4241)
+    monkeypatch.setattr(runner.time, "time", lambda: 1_700_000_000.25)  # the same instant, even
+    monkeypatch.setattr(runner.os, "getpid", lambda: 4241)
     first = make_session(tmp_path)
-    monkeypatch.setattr(plugin.os, "getpid", lambda: 4242)  # another pytest process
+    monkeypatch.setattr(runner.os, "getpid", lambda: 4242)  # another pytest process
     second = make_session(tmp_path)
     assert (first.run_id, second.run_id) == ("20231114T221320.250000Z-p4241", "20231114T221320.250000Z-p4242")
     [cell] = first.cells()
     for session in (first, second):
-        session._write_results(cell, Outcome("ok"), "process")
+        session.runner.write_results(cell, Outcome("ok"), runner.Role.PROCESS)
     assert len(list((tmp_path / "results").glob("*.jsonl"))) == 2
 
 

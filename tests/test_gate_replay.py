@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness import plugin
+from harness import plugin, runner
 from harness.baselines import BaselineStore
 from harness.cli import NOTHING_COMPARED, build_parser, main
 from harness.config import load_matrix
@@ -72,7 +72,7 @@ def session(tmp_path, monkeypatch, outcomes, **options):
     def run(job, timeout_s, env):
         return Outcome("ok") if job.get("prepare_only") else next(outcomes)(job)
 
-    monkeypatch.setattr(plugin, "run_isolated", run)
+    monkeypatch.setattr(runner, "run_isolated", run)
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # one results file, -main
     return plugin.QuantBench(SimpleNamespace(rootpath=tmp_path, getoption=values.get)), values
 

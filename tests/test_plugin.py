@@ -166,7 +166,7 @@ def test_pool_baselines_adds_a_run_to_the_stored_baseline_instead_of_replacing_i
 def test_a_later_process_that_fails_fails_the_cell_without_the_earlier_figures(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from harness import plugin
+    from harness import plugin, runner
     from harness.isolation import Outcome
     from harness.results import CellResult, Figure
 
@@ -180,8 +180,8 @@ def test_a_later_process_that_fails_fails_the_cell_without_the_earlier_figures(t
         return Outcome("ok", results=[CellResult("fp32", "tiny", 1, {"decode_tokens_per_s": Figure.of(decode)})])
 
     runs = iter([measured([10.0, 11.0]), measured([12.0, 13.0]), Outcome("crashed", "killed by signal SIGSEGV")])
-    monkeypatch.setattr(plugin, "run_isolated", lambda job, timeout_s, env: next(runs))
-    outcome = session._measure(cell, {"run": {"processes": 3}}, {})
+    monkeypatch.setattr(runner, "run_isolated", lambda job, timeout_s, env: next(runs))
+    outcome = session.runner._measure(cell, {"run": {"processes": 3}}, {})
     assert (outcome.status, outcome.reason, outcome.results) == (
         "crashed", "process 3 of 3: killed by signal SIGSEGV", [])
     [results] = (tmp_path / "results").glob("*.jsonl")
@@ -189,7 +189,7 @@ def test_a_later_process_that_fails_fails_the_cell_without_the_earlier_figures(t
     assert [(r["role"], r["status"]) for r in records] == [("process", "ok"), ("process", "ok"), ("process", "crashed")]
 
     runs = iter([measured([10.0, 11.0]), measured([12.0, 13.0])])
-    pooled = session._measure(cell, {"run": {"processes": 2}}, {})
+    pooled = session.runner._measure(cell, {"run": {"processes": 2}}, {})
     figure = pooled.result(1).figures["decode_tokens_per_s"]
     assert pooled.status == "ok" and figure.n == 4 and figure.value == 11.5
 
