@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypedDict
 
 from harness.cache import atomic_write_text, file_lock
+from harness.figure import Figure
 from harness.hardware import short_uuid
 from harness.measure.memory import MEMORY_PROTOCOL_DEFAULT, PROTOCOL_METRICS
 from harness.metrics import DEVICE_METRICS, METRICS
 from harness.metrics import metric as metric_spec
-from harness.results import CellResult, Figure, cell_id, pool
+from harness.results import CellResult, cell_id, pool
 
 SCHEMA_VERSION = 1
 

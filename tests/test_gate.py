@@ -18,8 +18,9 @@ from harness.baselines import (
     run_differences,
     unresolved,
 )
+from harness.figure import Figure
 from harness.metrics import METRICS
-from harness.results import CellResult, Figure
+from harness.results import CellResult
 
 CELL = "bnb-nf4|llama-2-7b-arch|b8"
 HIGHER_IS_BETTER = sorted(name for name, spec in METRICS.items() if spec.higher_is_better)
