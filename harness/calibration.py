@@ -13,8 +13,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from harness.baselines import BaselineStore, Tolerances, compare, kernel_changes
+from harness.baselines import BaselineStore, compare, kernel_changes
 from harness.results import CellResult, _records, read_run
+from harness.tolerances import Tolerances
 
 CALIBRATED_METRICS = ("decode_device_tokens_per_s", "prefill_device_tokens_per_s", "decode_kernels_per_step")
 

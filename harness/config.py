@@ -408,7 +408,7 @@ def _check_accuracy(accuracy: AccuracyConfig, where: str) -> AccuracyConfig:
 
 def _check_tolerances(data: Any, where: str, methods: dict[str, MethodSpec]) -> None:
     _check_type(where, data, dict)
-    from harness.baselines import Tolerances
+    from harness.tolerances import Tolerances
 
     try:
         Tolerances.from_mapping(data, where)

@@ -11,7 +11,6 @@ from typing import Any
 
 from harness.baselines import (
     BaselineStore,
-    Tolerances,
     compare,
     kernel_changes,
     provenance_mismatch,
@@ -21,6 +20,7 @@ from harness.baselines import (
     unresolved_message,
 )
 from harness.results import CellResult, read_run
+from harness.tolerances import Tolerances
 
 
 def import_results(store: BaselineStore, paths: list[Path], pool: bool = False) -> dict[Path, list[Path]]:

@@ -21,7 +21,6 @@ from harness import hardware
 from harness.baselines import (
     BaselineError,
     BaselineStore,
-    Tolerances,
     compare,
     kernel_changes,
     provenance_mismatch,
@@ -38,6 +37,7 @@ from harness.isolation import Outcome, run_isolated
 from harness.methods import BACKENDS, Method, method_class
 from harness.metrics import DEVICE_METRICS, TASK_PREFIX
 from harness.results import CellResult, cell_id, json_safe
+from harness.tolerances import Tolerances
 
 RESULTS_SCHEMA_VERSION = 1
 DEFAULT_MATRIX = Path("benchmarks") / "matrix.toml"

@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import pytest
 
 from harness import plugin
-from harness.baselines import BaselineError, BaselineStore, RelativeNoiseAwareRule, Tolerances
+from harness.baselines import BaselineError, BaselineStore, RelativeNoiseAwareRule
 from harness.config import MatrixError, load_matrix
 from harness.figure import Figure
 from harness.gate import gate_results
 from harness.isolation import Outcome, run_isolated
 from harness.results import CellResult
+from harness.tolerances import Tolerances
 
 MATRIX = """
 [run]
