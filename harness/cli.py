@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     elif args.command == "gate":
         from harness.baselines import BaselineError
-        from harness.config import MatrixError, load_matrix
+        from harness.config import MatrixError
         from harness.gate import gate_results
+        from harness.matrix import load_matrix
 
         try:
             lines, failures, noisy = gate_results(store, args.results, load_matrix(args.matrix),
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from harness.baselines import BaselineError
         from harness.calibration import calibrate
-        from harness.config import MatrixError, load_matrix
+        from harness.config import MatrixError
+        from harness.matrix import load_matrix
 
         try:
             document = calibrate(store, load_matrix(args.matrix), args.record, args.aa, args.injected)

@@ -31,9 +31,10 @@ from harness.baselines import (
     unresolved,
     unresolved_message,
 )
-from harness.config import Cell, Matrix, MatrixError, load_matrix
+from harness.config import Cell, Matrix, MatrixError
 from harness.hardware import cpu_share_env, gpu_info, hardware_key, worker_cpu_share, worker_gpu_env
 from harness.isolation import Outcome, run_isolated
+from harness.matrix import load_matrix
 from harness.methods import BACKENDS, Method, method_class
 from harness.metrics import DEVICE_METRICS, TASK_PREFIX
 from harness.results import CellResult, cell_id, json_safe

@@ -14,8 +14,9 @@ import pytest
 from harness import worker
 from harness.baselines import BaselineStore, compare, kernel_changes, regressions, stale_figures
 from harness.calibration import calibrate
-from harness.config import RunConfig, load_matrix
+from harness.config import RunConfig
 from harness.figure import Figure
+from harness.matrix import load_matrix
 from harness.measure import device
 from harness.measure.device import DeviceTiming, How, measure_device
 from harness.results import CellResult

@@ -11,10 +11,11 @@ import pytest
 
 from harness import plugin
 from harness.baselines import BaselineError, BaselineStore, RelativeNoiseAwareRule
-from harness.config import MatrixError, load_matrix
+from harness.config import MatrixError
 from harness.figure import Figure
 from harness.gate import gate_results
 from harness.isolation import Outcome, run_isolated
+from harness.matrix import load_matrix
 from harness.results import CellResult
 from harness.tolerances import Tolerances
 

@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.baselines import BaselineError, BaselineStore
-from harness.config import MatrixError, load_matrix, parse_matrix
+from harness.config import MatrixError
 from harness.figure import Figure
+from harness.matrix import load_matrix, parse_matrix
 from harness.results import CellResult
 
 HW, MODEL = "fuzz-host", "tiny"
