@@ -1,4 +1,4 @@
-"""One cell's results: its figures (harness.figure) with their provenance, and the results file."""
+"""One cell's results (its figures, each a harness.figure.Figure, with their provenance), pooled and read back."""
 
 from __future__ import annotations
 
