@@ -17,17 +17,20 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypedDict
 
 from harness.cache import atomic_write_text, file_lock
+from harness.figure import Figure
 from harness.hardware import short_uuid
 from harness.measure.memory import MEMORY_PROTOCOL_DEFAULT, PROTOCOL_METRICS
 from harness.metrics import DEVICE_METRICS, METRICS
 from harness.metrics import metric as metric_spec
-from harness.results import CellResult, Figure, cell_id, pool
+from harness.results import CellResult, cell_id, pool
+from harness.tolerances import Tolerances
+from harness.values import is_number, shown
 
 SCHEMA_VERSION = 1
 
@@ -104,16 +107,6 @@ def _check_slug(name: str, what: str) -> None:
         )
 
 
-def _is_number(value: Any) -> bool:
-    # bool is an int to Python, but `true` is no number.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # json.loads keeps the last of two equal keys; in a baseline that silently drops a cell, which is
     # what a careless merge-conflict resolution produces.
@@ -137,24 +130,24 @@ class _Reader:
 
     def mapping(self, value: Any, where: str) -> dict[str, Any]:
         if not isinstance(value, dict):
-            self.fail(where, f"expected an object, got {_shown(value)}")
+            self.fail(where, f"expected an object, got {shown(value)}")
         return value
 
     def string(self, value: Any, where: str) -> str:
         if not isinstance(value, str):
-            self.fail(where, f"expected a string, got {_shown(value)}")
+            self.fail(where, f"expected a string, got {shown(value)}")
         return value
 
     def integer(self, value: Any, where: str, minimum: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(where, f"expected an integer, got {_shown(value)}")
+            self.fail(where, f"expected an integer, got {shown(value)}")
         if value < minimum:
             self.fail(where, f"expected an integer of at least {minimum}, got {value}")
         return value
 
     def number(self, value: Any, where: str, minimum: float | None = None) -> float:
-        if not _is_number(value):
-            self.fail(where, f"expected a number, got {_shown(value)}")
+        if not is_number(value):
+            self.fail(where, f"expected a number, got {shown(value)}")
         try:
             number = float(value)
         except OverflowError:  # an integer literal beyond any float
@@ -182,7 +175,7 @@ class _Reader:
             self.fail("schema_version", "missing")
         version = data["schema_version"]
         if isinstance(version, bool) or not isinstance(version, int):
-            self.fail("schema_version", f"expected an integer, got {_shown(version)}")
+            self.fail("schema_version", f"expected an integer, got {shown(version)}")
         if version < SCHEMA_VERSION:
             raise UnreadableBaselineError(
                 f"schema_version {version} in {self.file}; this suite reads {SCHEMA_VERSION}; "
@@ -243,7 +236,7 @@ class _Reader:
         self.integer(data["n"], f"{where}.n", 1)
         samples = data["samples"]
         if not isinstance(samples, list):
-            self.fail(f"{where}.samples", f"expected a list of numbers, got {_shown(samples)}")
+            self.fail(f"{where}.samples", f"expected a list of numbers, got {shown(samples)}")
         for index, sample in enumerate(samples):
             self.measurement(sample, f"{where}.samples[{index}]", name)
 
@@ -418,102 +411,6 @@ def _stored_cell(path: Path, result: CellResult, recorded_at: str) -> CellDict:
         ) from None
     _Reader(path, "nothing was stored; fix what produced this result").cell(data, result.id, result.model)
     return data
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    """Relative tolerances per metric, overridable per metric and per method, and the noise allowance.
-
-    A method override beats a metric override, which beats the metric's default from METRICS.
-    """
-
-    defaults: dict[str, float] = field(default_factory=lambda: {n: m.tolerance for n, m in METRICS.items()})
-    metric_overrides: dict[str, float] = field(default_factory=dict)
-    method_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
-    noise_sigmas: float = 2.0
-
-    def for_cell(self, method: str, metric: str) -> float:
-        """The tolerance that applies to `metric` in cells of `method`."""
-        if metric not in self.defaults and metric not in METRICS:
-            raise KeyError(f"unknown metric {metric!r}; known metrics: {', '.join(sorted(self.defaults))}")
-        method_tolerances = self.method_overrides.get(method, {})
-        if metric in method_tolerances:
-            return method_tolerances[metric]
-        return self.metric_overrides.get(metric, self.defaults.get(metric, METRICS[metric].tolerance))
-
-    @classmethod
-    def from_mapping(cls, data: dict[str, Any], source: str) -> Tolerances:
-        """Read a tolerance table such as the matrix file's `[tolerances]`; `source` names it in errors.
-
-        `{"ppl": 0.02, "methods": {"bnb-int8": {"decode_tokens_per_s": 0.2}}, "noise_sigmas": 2}`
-        """
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a table, got {_shown(data)}")
-        metric_overrides: dict[str, float] = {}
-        method_overrides: dict[str, dict[str, float]] = {}
-        noise_sigmas = 2.0
-        for key, value in data.items():
-            if key == "methods":
-                if not isinstance(value, dict):
-                    raise ValueError(f"{source}: methods: expected a table of methods, got {_shown(value)}")
-                for method, table in value.items():
-                    if not isinstance(table, dict):
-                        raise ValueError(f"{source}: methods.{method}: expected a table of "
-                                         f"metric = tolerance, got {_shown(table)}")
-                    method_overrides[method] = {
-                        name: _tolerance(tol, source, f"methods.{method}.{name}", name)
-                        for name, tol in table.items()
-                    }
-            elif key == "noise_sigmas":
-                if not _is_number(value) or not 0 <= value < math.inf:
-                    raise ValueError(f"{source}: noise_sigmas: expected a number of at least 0 "
-                                     f"(0 ignores noise), got {_shown(value)}")
-                noise_sigmas = float(value)
-            else:
-                metric_overrides[key] = _tolerance(value, source, key, key)
-        return cls(metric_overrides=metric_overrides, method_overrides=method_overrides,
-                   noise_sigmas=noise_sigmas)
-
-    def with_cli(self, specs: list[str], methods: Iterable[str] | None = None) -> Tolerances:
-        """These tolerances with `--tolerance` specs applied in order: `metric=0.1` or `method:metric=0.1`.
-
-        With `methods` (the matrix's), a spec naming any other method is refused, as the matrix's own table
-        refuses one: a typo would otherwise leave the tolerance it meant to change as it was.
-        """
-        known = None if methods is None else sorted(methods)
-        metric_overrides = dict(self.metric_overrides)
-        method_overrides = {method: dict(table) for method, table in self.method_overrides.items()}
-        for spec in specs:
-            source = f"--tolerance {spec!r}"
-            target, equals, value = spec.rpartition("=")
-            # Metric names have no ':', so the last one splits; a method name may carry its own.
-            method, colon, name = (part.strip() for part in target.rpartition(":"))
-            if not equals or not name or (colon and not method):
-                raise ValueError(
-                    f"{source}: expected metric=TOLERANCE or method:metric=TOLERANCE, e.g. ppl=0.02"
-                )
-            try:
-                number: Any = float(value)
-            except ValueError:
-                number = value
-            if colon and known is not None and method not in known:
-                raise ValueError(f"{source}: unknown method {method!r}; known: {', '.join(known)}")
-            if colon:
-                method_overrides.setdefault(method, {})[name] = _tolerance(number, source, target, name)
-            else:
-                metric_overrides[name] = _tolerance(number, source, target, name)
-        return replace(self, metric_overrides=metric_overrides, method_overrides=method_overrides)
-
-
-def _tolerance(value: Any, source: str, where: str, metric_name: str) -> float:
-    """Check one relative tolerance: a known metric and a number in [0, 10)."""
-    if metric_name not in METRICS:
-        known = ", ".join(sorted(METRICS))
-        raise ValueError(f"{source}: {where}: unknown metric {metric_name!r}; known metrics: {known}")
-    if not _is_number(value) or not 0 <= value < 10:
-        raise ValueError(f"{source}: {where}: expected a relative tolerance from 0 up to 10 "
-                         f"(0.05 = 5%), got {_shown(value)}")
-    return float(value)
 
 
 def _number(value: float) -> str:

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from harness.baselines import BaselineError
         from harness.calibration import calibrate
-        from harness.config import MatrixError, load_matrix
+        from harness.config import MatrixError
+        from harness.matrix import load_matrix
 
         try:
             document = calibrate(store, load_matrix(args.matrix), args.record, args.aa, args.injected)
@@ -175,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
 def gate(store: BaselineStore, args: argparse.Namespace) -> int:
     """`quantbench gate`: print each verdict's lines and the tallies; the exit status says how it ended."""
     from harness.baselines import BaselineError
-    from harness.config import MatrixError, load_matrix
+    from harness.config import MatrixError
     from harness.gate import GatePolicy, replay
+    from harness.matrix import load_matrix
 
     try:
         matrix = load_matrix(args.matrix)

@@ -20,7 +20,6 @@ from typing import Any
 
 from harness.baselines import (
     BaselineStore,
-    Tolerances,
     Verdict,
     compare,
     kernel_changes,
@@ -33,6 +32,7 @@ from harness.baselines import (
 from harness.measure.consistency import describe_failure
 from harness.metrics import DEVICE_METRICS
 from harness.results import CellResult, read_run
+from harness.tolerances import Tolerances
 
 RECORD = "record one with --update-baselines"
 RERECORD = "re-record it with --update-baselines"

@@ -16,15 +16,17 @@ from typing import Any
 import pytest
 
 from harness import hardware
-from harness.baselines import BaselineStore, Tolerances, resolution_summary
-from harness.config import Cell, Matrix, MatrixError, load_matrix
+from harness.baselines import BaselineStore, resolution_summary
+from harness.config import Cell, Matrix, MatrixError
 from harness.gate import CellVerdict, GatePolicy, Status, add_gate_options, judge_consistency, run_failed
 from harness.hardware import gpu_info
 from harness.isolation import Outcome
+from harness.matrix import load_matrix
 from harness.methods import BACKENDS, method_class
 from harness.metrics import TASK_PREFIX
 from harness.results import CellResult, cell_id, json_safe
 from harness.runner import RESULTS_SCHEMA_VERSION, Runner, RunOptions, new_run_id
+from harness.tolerances import Tolerances
 
 DEFAULT_MATRIX = Path("benchmarks") / "matrix.toml"
 STANDARD_MARKERS = {

@@ -1,13 +1,14 @@
-"""Result dataclasses: one figure with its spread, and one cell's figures with their provenance."""
+"""One cell's results (its figures, each a harness.figure.Figure, with their provenance), pooled and read back."""
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from harness.figure import Figure
 
 
 def json_safe(value: Any) -> Any:
@@ -19,42 +20,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(item) for item in value]
     return value
-
-
-@dataclass(frozen=True)
-class Figure:
-    """One metric's value: the median of its repeats and their spread (sample standard deviation)."""
-
-    value: float
-    spread: float = 0.0
-    n: int = 1
-    samples: tuple[float, ...] = ()
-
-    @classmethod
-    def of(cls, samples: list[float] | tuple[float, ...]) -> Figure:
-        """Summarise repeated measurements: median value, standard deviation as spread."""
-        if not samples:
-            raise ValueError("a figure needs at least one sample")
-        spread = statistics.stdev(samples) if len(samples) > 1 else 0.0
-        return cls(float(statistics.median(samples)), float(spread), len(samples), tuple(float(s) for s in samples))
-
-    @property
-    def finite(self) -> bool:
-        """Value, spread and every sample are finite numbers."""
-        return all(math.isfinite(x) for x in (self.value, self.spread, *self.samples))
-
-    @property
-    def relative_spread(self) -> float:
-        """Spread as a fraction of the value (0 when the value is 0)."""
-        return self.spread / abs(self.value) if self.value else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"value": self.value, "spread": self.spread, "n": self.n, "samples": list(self.samples)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Figure:
-        return cls(float(data["value"]), float(data.get("spread", 0.0)), int(data.get("n", 1)),
-                   tuple(float(s) for s in data.get("samples", ())))
 
 
 def cell_id(method: str, model: str, batch_size: int | None = None) -> str:

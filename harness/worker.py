@@ -32,6 +32,7 @@ from typing import Any
 
 from harness.cache import atomic_write_text, cache_root
 from harness.config import AccuracyConfig, ModelSpec, RunConfig
+from harness.figure import Figure
 from harness.hardware import apply_cpu_share, environment, machine_info
 from harness.measure import consistency
 from harness.measure.accuracy import perplexity
@@ -41,7 +42,7 @@ from harness.measure.telemetry import gpu_telemetry
 from harness.measure.throughput import measure_generation, timed
 from harness.methods import MethodUnavailable, method_class
 from harness.models import ResolvedModel, eval_ids, ids_digest, prompt_ids, resolve, tokenizer_check
-from harness.results import CellResult, Figure
+from harness.results import CellResult
 
 
 def log(message: str) -> None:

@@ -13,7 +13,8 @@ import pytest
 
 import harness.cache
 from harness.baselines import SCHEMA_VERSION, BaselineError, BaselineStore
-from harness.results import CellResult, Figure
+from harness.figure import Figure
+from harness.results import CellResult
 
 HW = "nvidia-h200-141gb"
 MODEL = "tinyllama-1.1b-arch"

@@ -7,8 +7,9 @@ import pytest
 from harness.baselines import BaselineStore
 from harness.cli import NOTHING_COMPARED, main
 from harness.config import ModelSpec
+from harness.figure import Figure
 from harness.models import ModelError, resolve
-from harness.results import CellResult, Figure
+from harness.results import CellResult
 
 
 def cell(method, key, decode, batch_size=1, delay=0):

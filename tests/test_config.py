@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import MatrixError, load_matrix, parse_matrix
+from harness.config import MatrixError
+from harness.matrix import load_matrix, parse_matrix
 
 SHIPPED = Path(__file__).parent.parent / "benchmarks" / "matrix.toml"
 

@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 
 from harness import worker
-from harness.baselines import BaselineStore, Tolerances, compare, kernel_changes, regressions, stale_figures
+from harness.baselines import BaselineStore, compare, kernel_changes, regressions, stale_figures
 from harness.calibration import calibrate
-from harness.config import RunConfig, load_matrix
+from harness.config import RunConfig
+from harness.figure import Figure
+from harness.matrix import load_matrix
 from harness.measure import device
 from harness.measure.device import DeviceTiming, How, measure_device
-from harness.results import CellResult, Figure
+from harness.results import CellResult
+from harness.tolerances import Tolerances
 
 ROOT = Path(__file__).resolve().parent.parent
 EVIDENCE = ROOT / "docs" / "evidence" / "nvidia-h200-140gb"

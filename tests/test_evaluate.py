@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from harness.config import EvalConfig, MatrixError, parse_matrix
+from harness.config import EvalConfig, MatrixError
 from harness.evaluate import LOCAL_TASK, EvalUnavailable, run_tasks, word_order_task
+from harness.matrix import parse_matrix
 from harness.metrics import METRICS
 
 

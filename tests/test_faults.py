@@ -10,11 +10,14 @@ from types import SimpleNamespace
 import pytest
 
 from harness import plugin, runner
-from harness.baselines import BaselineError, BaselineStore, RelativeNoiseAwareRule, Tolerances
-from harness.config import MatrixError, load_matrix
+from harness.baselines import BaselineError, BaselineStore, RelativeNoiseAwareRule
+from harness.config import MatrixError
+from harness.figure import Figure
 from harness.gate import replay
 from harness.isolation import Outcome, run_isolated
-from harness.results import CellResult, Figure
+from harness.matrix import load_matrix
+from harness.results import CellResult
+from harness.tolerances import Tolerances
 
 MATRIX = """
 [run]

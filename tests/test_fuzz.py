@@ -13,8 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.baselines import BaselineError, BaselineStore
-from harness.config import MatrixError, load_matrix, parse_matrix
-from harness.results import CellResult, Figure
+from harness.config import MatrixError
+from harness.figure import Figure
+from harness.matrix import load_matrix, parse_matrix
+from harness.results import CellResult
 
 HW, MODEL = "fuzz-host", "tiny"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

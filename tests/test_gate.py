@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from harness.baselines import (
     RelativeNoiseAwareRule,
-    Tolerances,
     Verdict,
     compare,
     regressions,
@@ -18,8 +17,10 @@ from harness.baselines import (
     run_differences,
     unresolved,
 )
+from harness.figure import Figure
 from harness.metrics import METRICS
-from harness.results import CellResult, Figure
+from harness.results import CellResult
+from harness.tolerances import Tolerances
 
 CELL = "bnb-nf4|llama-2-7b-arch|b8"
 HIGHER_IS_BETTER = sorted(name for name, spec in METRICS.items() if spec.higher_is_better)

@@ -17,10 +17,11 @@ import pytest
 from harness import plugin, runner
 from harness.baselines import BaselineStore
 from harness.cli import NOTHING_COMPARED, build_parser, main
-from harness.config import load_matrix
+from harness.figure import Figure
 from harness.gate import CellVerdict, GatePolicy, Status, add_gate_options, replay
 from harness.isolation import Outcome
-from harness.results import CellResult, Figure
+from harness.matrix import load_matrix
+from harness.results import CellResult
 
 MATRIX = """
 [run]

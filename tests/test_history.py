@@ -4,7 +4,8 @@ import subprocess
 
 from harness.baselines import BaselineStore
 from harness.cli import main
-from harness.results import CellResult, Figure
+from harness.figure import Figure
+from harness.results import CellResult
 
 CELL = "fp16-compiled|m|b1"
 

@@ -167,8 +167,9 @@ def test_a_later_process_that_fails_fails_the_cell_without_the_earlier_figures(t
     from types import SimpleNamespace
 
     from harness import plugin, runner
+    from harness.figure import Figure
     from harness.isolation import Outcome
-    from harness.results import CellResult, Figure
+    from harness.results import CellResult
 
     (tmp_path / "matrix.toml").write_text(MATRIX)
     options = {"--matrix": str(tmp_path / "matrix.toml"), "--results-dir": str(tmp_path / "results"),

@@ -2,8 +2,9 @@
 
 import pytest
 
+from harness.figure import Figure
 from harness.models import arch_config
-from harness.results import CellResult, Figure
+from harness.results import CellResult
 from harness.roofline import bandwidth, dense_parameters, efficiency, weights_bytes
 
 

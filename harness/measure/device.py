@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from harness.results import Figure
+from harness.figure import Figure
 
 PROTOCOL = 1  # how the figures below are read; a baseline read under another is stale (harness/baselines.py)
 PREFILL_PROTOCOL = 2  # how the prefill figure is read: 1 timed single replays, 2 bursts of PREFILL_REPLAYS

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from harness.results import Figure
+from harness.figure import Figure
 
 SAMPLE_INTERVAL_S = 0.005
 MIB = 2**20

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from harness.results import Figure
+from harness.figure import Figure
 
 
 def synchronize(device: str) -> None:

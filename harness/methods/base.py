@@ -7,6 +7,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from harness.config import MatrixError
+from harness.measure.consistency import LOGIT_TOLERANCE
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -43,8 +46,6 @@ class Method(ABC):
     @classmethod
     def validate(cls, params: dict[str, Any], where: str) -> None:
         """Raise ValueError naming `where` and the field for an unknown, mistyped or out-of-range parameter."""
-        from harness.config import MatrixError
-
         for name, value in params.items():
             if name not in cls.PARAMS:
                 raise MatrixError(f"{where}.{name}: unknown parameter of backend {cls.NAME!r}; "
@@ -198,8 +199,6 @@ class Method(ABC):
         """The batched-vs-alone logit change, in standard deviations of the logits, that batch consistency
         accepts as arithmetic (harness/measure/consistency.py); an algorithm that is batch-variant by design
         says so here with a larger one."""
-        from harness.measure.consistency import LOGIT_TOLERANCE
-
         return LOGIT_TOLERANCE
 
     def verify(self, model: Any, generated: bool) -> None:  # noqa: B027 - most methods have nothing to verify
