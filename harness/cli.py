@@ -64,6 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--repeats", type=int, default=20, help="timed copies (default 20)")
     bw.add_argument("--write", action="store_true",
                     help="store it under <baselines-dir>/<hardware key>/hardware/memory-bandwidth.json")
+    run = sub.add_parser("run", help="run a matrix suite's cells without pytest, write the results file and gate "
+                         "every figure as the pytest run does (for scripts)")
+    run.add_argument("--matrix", type=Path, default=Path("benchmarks") / "matrix.toml",
+                     help="the matrix file (default: benchmarks/matrix.toml)")
+    run.add_argument("--suite", default="cpu", help="the matrix suite to run (default: cpu)")
+    run.add_argument("--models", default=None, help="comma-separated model names to keep")
+    run.add_argument("--methods", default=None, help="comma-separated method names to keep")
+    run.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes to keep")
+    run.add_argument("--results-dir", type=Path, default=Path("results"), help="where results go (default: results)")
+    run.add_argument("--processes", type=int, default=None, metavar="N",
+                     help="measure each (method, model) in N processes and pool their samples")
+    run.add_argument("--update-baselines", action="store_true", help="store this run's figures as baselines")
+    run.add_argument("--pool-baselines", action="store_true",
+                     help="with --update-baselines: pool the run's samples into the stored baselines")
+    run.add_argument("--recheck", action="store_true", help="measure a cell again when a speed regresses")
+    run.add_argument("--failures-only", action="store_true", help="print only the checks that failed")
+    add_gate_options(run.add_argument)  # --strict-baselines, --fail-unresolved, --tolerance, --hardware-key
     sub.add_parser("keys", help="list the hardware keys with baselines, and this machine's keys")
     sub.add_parser("build-embedded", help="build (or find cached) the embedded model and print its folder")
     syn = sub.add_parser("build-synthetic", help="build (or find cached) synthetic weights for an architecture")
@@ -105,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     elif args.command == "gate":
         return gate(store, args)
+    elif args.command == "run":
+        return run_suite(store, args)
     elif args.command == "calibrate":
         import json
 
@@ -203,3 +222,47 @@ def gate(store: BaselineStore, args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_suite(store: BaselineStore, args: argparse.Namespace) -> int:
+    """`quantbench run`: the suite's cells through harness/runner.py, judged as `quantbench gate` judges; the
+    exit status is the gate's (1: something failed, 2: bad input, 3: nothing was compared)."""
+    from harness.config import MatrixError
+    from harness.gate import GatePolicy
+    from harness.matrix import load_matrix
+    from harness.runner import Runner, RunOptions, run_cells
+
+    def option(name: str) -> object:
+        return getattr(args, name[2:].replace("-", "_"), None)
+
+    def names(value: str | None, cast: type = str) -> list | None:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()] if value else None
+
+    try:
+        matrix = load_matrix(args.matrix)
+        if args.suite not in matrix.suites:
+            raise ValueError(f"--suite: {matrix.path} has no suite {args.suite!r} (suites: {', '.join(matrix.suites)})")
+        cells = [cell for cell in matrix.cells(names(args.models), names(args.methods), names(args.batch_sizes, int))
+                 if cell.suite.name == args.suite]
+        policy = GatePolicy.from_options(option, matrix)
+        runner = Runner(matrix, store, args.results_dir, policy, RunOptions.from_options(option))
+    except (MatrixError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not cells:
+        print(f"error: no cells of suite {args.suite!r} left after the filters", file=sys.stderr)
+        return 2
+    verdicts, lines = run_cells(runner, cells)
+    for line in lines:
+        if not args.failures_only or line.startswith("FAIL"):
+            print(line)
+    failures = sum(verdict.failed for verdict in verdicts)
+    compared = sum(check.compared for verdict in verdicts for check in verdict.checks)
+    print(f"{failures} failing cell verdict(s), {compared} figure(s) compared; results: {runner.results_path}")
+    if failures:
+        return 1
+    if not compared and not args.update_baselines:
+        print("nothing was compared: no cell has a baseline under "
+              f"{runner.hardware_key(cells[0].suite.device)} (record them with --update-baselines)")
+        return NOTHING_COMPARED
+    return 0

@@ -19,7 +19,16 @@ from typing import Any
 
 from harness.baselines import BaselineError, BaselineStore
 from harness.config import Cell, Matrix
-from harness.gate import CellVerdict, GatePolicy, cell_error, judge, recheck_reasons, run_failed, skipped
+from harness.gate import (
+    CellVerdict,
+    GatePolicy,
+    cell_error,
+    judge,
+    judge_consistency,
+    recheck_reasons,
+    run_failed,
+    skipped,
+)
 from harness.hardware import cpu_share_env, gpu_info, hardware_key, worker_cpu_share, worker_gpu_env
 from harness.isolation import Outcome, run_isolated
 from harness.methods import BACKENDS, Method, method_class
@@ -326,7 +335,7 @@ class Runner:
         self.written.add(cell.key)
 
     # ---- the gate ----------------------------------------------------------------------------------------
-    def verdict(self, cell: Cell, batch_size: int | None, metrics: list[str]) -> tuple[CellResult | None,
+    def verdict(self, cell: Cell, batch_size: int | None, metrics: list[str] | None) -> tuple[CellResult | None,
                                                                                        CellVerdict]:
         """One batch size's result (pooled over a recheck where one ran) and the gate's verdict on `metrics`."""
         ref_id = cell_id(cell.method.name, cell.model.name, batch_size)
@@ -347,3 +356,16 @@ class Runner:
             return result, cell_error(ref_id, str(exc))
         return result, judge(result, baseline, self.policy, metrics=metrics, hardware_key=key, baseline_path=path,
                              recording=self.options.update)
+
+
+def run_cells(runner: Runner, cells: list[Cell]) -> tuple[list[CellVerdict], list[str]]:
+    """Run `cells` one after another and judge every figure of each: the per-model figures with their batch
+    consistency, then each batch size. The verdicts, and the lines `quantbench gate` would print for them."""
+    verdicts: list[CellVerdict] = []
+    for cell in cells:
+        for batch_size in (None, *cell.batch_sizes):
+            result, verdict = runner.verdict(cell, batch_size, None)
+            verdicts.append(verdict)
+            if batch_size is None and result is not None:
+                verdicts.append(judge_consistency(result))
+    return verdicts, [line for verdict in verdicts for line in verdict.lines()]
