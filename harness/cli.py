@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from harness.baselines import BaselineStore
-from harness.gate import add_gate_options
+from harness.gate import GateReport, add_gate_options
 
 NOTHING_COMPARED = 3  # `quantbench gate`'s exit status when no figure could be held against a baseline
 
@@ -192,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _option(args: argparse.Namespace) -> Callable[[str], Any]:
+    """The options of `args` read by their pytest names (`--strict-baselines`), as the gate's policy reads them;
+    an option the subcommand lacks reads None."""
+    return lambda name: getattr(args, name[2:].replace("-", "_"), None)
+
+
 def gate(store: BaselineStore, args: argparse.Namespace) -> int:
     """`quantbench gate`: print each verdict's lines and the tallies; the exit status says how it ended."""
     from harness.baselines import BaselineError
@@ -201,27 +209,29 @@ def gate(store: BaselineStore, args: argparse.Namespace) -> int:
 
     try:
         matrix = load_matrix(args.matrix)
-        policy = GatePolicy.from_options(lambda name: getattr(args, name[2:].replace("-", "_")), matrix)
+        policy = GatePolicy.from_options(_option(args), matrix)
         report = replay(store, args.results, matrix, policy, hardware_key=args.hardware_key)
     except (BaselineError, MatrixError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return print_report(report, args.failures_only)
+
+
+def print_report(report: GateReport, failures_only: bool, recording: bool = False) -> int:
+    """Print a gate report's lines and tallies; the exit status says how it ended (`recording`: comparing
+    nothing is what a recording does, not a failure)."""
     for line in report.lines:
-        if not args.failures_only or line.startswith("FAIL"):
+        if not failures_only or line.startswith("FAIL"):
             print(line)
     print(f"{report.failures} failure(s) in {len(report.lines)} check(s)")
     if report.noisy:
         print(report.noisy)
     if report.failures:
         return 1
-    if report.nothing_compared:
+    if report.nothing_compared and not recording:
         print(report.nothing_compared)
         return NOTHING_COMPARED
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def run_suite(store: BaselineStore, args: argparse.Namespace) -> int:
@@ -232,9 +242,6 @@ def run_suite(store: BaselineStore, args: argparse.Namespace) -> int:
     from harness.matrix import load_matrix
     from harness.runner import Runner, RunOptions, run_cells
 
-    def option(name: str) -> object:
-        return getattr(args, name[2:].replace("-", "_"), None)
-
     def names(value: str | None, cast: type = str) -> list | None:
         return [cast(v.strip()) for v in value.split(",") if v.strip()] if value else None
 
@@ -244,25 +251,18 @@ def run_suite(store: BaselineStore, args: argparse.Namespace) -> int:
             raise ValueError(f"--suite: {matrix.path} has no suite {args.suite!r} (suites: {', '.join(matrix.suites)})")
         cells = [cell for cell in matrix.cells(names(args.models), names(args.methods), names(args.batch_sizes, int))
                  if cell.suite.name == args.suite]
-        policy = GatePolicy.from_options(option, matrix)
-        runner = Runner(matrix, store, args.results_dir, policy, RunOptions.from_options(option))
+        policy = GatePolicy.from_options(_option(args), matrix)
+        runner = Runner(matrix, store, args.results_dir, policy, RunOptions.from_options(_option(args)))
     except (MatrixError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not cells:
         print(f"error: no cells of suite {args.suite!r} left after the filters", file=sys.stderr)
         return 2
-    verdicts, lines = run_cells(runner, cells)
-    for line in lines:
-        if not args.failures_only or line.startswith("FAIL"):
-            print(line)
-    failures = sum(verdict.failed for verdict in verdicts)
-    compared = sum(check.compared for verdict in verdicts for check in verdict.checks)
-    print(f"{failures} failing cell verdict(s), {compared} figure(s) compared; results: {runner.results_path}")
-    if failures:
-        return 1
-    if not compared and not args.update_baselines:
-        print("nothing was compared: no cell has a baseline under "
-              f"{runner.hardware_key(cells[0].suite.device)} (record them with --update-baselines)")
-        return NOTHING_COMPARED
-    return 0
+    report = run_cells(runner, cells)
+    print(f"results: {runner.results_path}")
+    return print_report(report, args.failures_only, recording=args.update_baselines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -393,6 +393,11 @@ def replay(store: BaselineStore, paths: list[Path], matrix: Any, policy: GatePol
             keys.add(key)
             verdicts.append(judge(result, store.get(key, result), policy, hardware_key=key,
                                   baseline_path=store.path(key, result.model)))
+    return gate_report(store, verdicts, keys)
+
+
+def gate_report(store: BaselineStore, verdicts: list[CellVerdict], keys: set[str]) -> GateReport:
+    """The report of a run's verdicts (judged live by `quantbench run`, or again by `replay`) under `keys`."""
     compared = [check for verdict in verdicts for check in verdict.checks if check.compared]
     noisy = resolution_summary((check.metric or "", check.status is Status.UNRESOLVED) for check in compared)
     nothing = None if compared else _why_nothing_compared(store, verdicts, keys)

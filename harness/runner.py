@@ -22,9 +22,10 @@ from harness.config import Cell, Matrix
 from harness.gate import (
     CellVerdict,
     GatePolicy,
+    GateReport,
     cell_error,
+    gate_report,
     judge,
-    judge_consistency,
     recheck_reasons,
     run_failed,
     skipped,
@@ -358,14 +359,9 @@ class Runner:
                              recording=self.options.update)
 
 
-def run_cells(runner: Runner, cells: list[Cell]) -> tuple[list[CellVerdict], list[str]]:
-    """Run `cells` one after another and judge every figure of each: the per-model figures with their batch
-    consistency, then each batch size. The verdicts, and the lines `quantbench gate` would print for them."""
-    verdicts: list[CellVerdict] = []
-    for cell in cells:
-        for batch_size in (None, *cell.batch_sizes):
-            result, verdict = runner.verdict(cell, batch_size, None)
-            verdicts.append(verdict)
-            if batch_size is None and result is not None:
-                verdicts.append(judge_consistency(result))
-    return verdicts, [line for verdict in verdicts for line in verdict.lines()]
+def run_cells(runner: Runner, cells: list[Cell]) -> GateReport:
+    """Run `cells` one after another and judge every figure of each (batch consistency included, as `judge`
+    does for every figure): the report `quantbench gate` would make of the results file the run wrote."""
+    verdicts = [runner.verdict(cell, batch_size, None)[1] for cell in cells for batch_size in (None, *cell.batch_sizes)]
+    keys = {runner.hardware_key(cell.suite.device) for cell in cells}
+    return gate_report(runner.store, verdicts, keys)

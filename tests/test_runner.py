@@ -84,7 +84,7 @@ def test_quantbench_run_records_then_gates_and_fails_a_slowdown(tmp_path, monkey
     capsys.readouterr()
     assert quantbench_run(tmp_path) == 0
     out = capsys.readouterr().out
-    assert "ok   decode_tokens_per_s of bf16|tiny|b2" in out and "0 failing cell verdict(s)" in out
+    assert "ok   decode_tokens_per_s of bf16|tiny|b2" in out and "0 failure(s) in" in out
 
     fake_workers(monkeypatch, decode=70.0)  # 30 % slower: beyond the default tolerance
     assert quantbench_run(tmp_path, "--failures-only") == 1
