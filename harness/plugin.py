@@ -279,7 +279,7 @@ class QuantBench:
             if outcome.status == "ok":
                 self.prepared.add(cell.model.name)
                 cls = method_class(cell.method.backend)
-                if cls.prepare is not Method.prepare or not cls.TORCH_DEVICE:
+                if cls.prepare is not Method.prepare or not cls.RUNTIME.torch_in_measured_process:
                     # the method builds its checkpoint in a process of its own (the quantization's cost), or
                     # is measured without torch on the model and ids that process resolves (harness/worker.py)
                     outcome = run_isolated({**job, "prepare_only": True, "prepare_method": True},
