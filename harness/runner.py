@@ -143,7 +143,7 @@ def needs_method_preparation(backend: str) -> bool:
     """Whether a backend's method is prepared in a process of its own before it is measured: it builds a
     checkpoint (the quantization's cost), or is measured without torch on what that process resolves."""
     cls = method_class(backend)
-    return cls.prepare is not Method.prepare or not cls.TORCH_DEVICE
+    return cls.prepare is not Method.prepare or not cls.RUNTIME.torch_in_measured_process
 
 
 class Runner:

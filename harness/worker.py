@@ -3,7 +3,8 @@
 A job with `prepare_only` only builds what the model needs (embedded or synthetic weights) and exits, so
 that work never shows in the measured process's memory or time.
 
-An engine with its own CUDA runtime (llama.cpp: `TORCH_DEVICE = False`) is measured in a process that never
+What differs between engines is their runtime (harness/runtimes.py), which the worker asks and never branches
+around. An engine with its own CUDA runtime (llama.cpp: `RUNTIME = NATIVE`) is measured in a process that never
 loads torch. On the CUDA 13 image of the H200 machines, llama.cpp segfaulted loading a model after `import
 torch`, and `import torch` aborted after llama.cpp was loaded (docs/evidence/nvidia-h200-140gb/
 gguf-torch-conflict.log, from gguf_probe.py beside it); the likely cause is that torch's wheels bring their
@@ -37,7 +38,6 @@ from harness.hardware import apply_cpu_share, environment, machine_info
 from harness.measure import consistency
 from harness.measure.accuracy import perplexity
 from harness.measure.divergence import Collector, Comparer, Reference, reference_dir, reference_key
-from harness.measure.memory import track_memory
 from harness.measure.telemetry import gpu_telemetry
 from harness.measure.throughput import measure_generation, timed
 from harness.methods import MethodUnavailable, method_class
@@ -126,7 +126,8 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     device = job["device"]
     method = method_class(job["method_class"])(job["method"]["params"], device)
     method.pickle_weights = bool(job["model"].get("pickle_weights"))
-    torch_free = not method.TORCH_DEVICE and not job.get("prepare_only")  # see the module docstring
+    runtime = method.RUNTIME
+    torch_free = not runtime.torch_in_measured_process and not job.get("prepare_only")  # the module docstring
     if torch_free:
         refuse_torch(type(method).__name__)
         log(f"{type(method).__name__}: measured without torch (torch refused in this process)")
@@ -154,7 +155,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         if job["accuracy"].get("text"):
             eval_ids(resolved, _tokenizer(resolved), AccuracyConfig(**job["accuracy"]), seed)
         if job.get("prepare_method"):
-            with track_memory(device, method.TORCH_DEVICE) as memory:
+            with runtime.track_memory(device) as memory:
                 prepared = method.prepare(resolved, seed, log)
             if prepared is not None:
                 # the memory the work used: a GPU's, or host memory for work done on the CPU (RTN packing)
@@ -166,7 +167,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
                 warmed = method.compile_kernels(resolved.pretrained, log)
                 if warmed:
                     prepared["kernels"] = warmed
-            if not method.TORCH_DEVICE:  # the measured process will not load torch (module docstring)
+            if not runtime.torch_in_measured_process:  # the measured process will not load torch (docstring)
                 prepared = prepared or {}
                 prepared["inputs"] = _inputs(resolved, _tokenizer(resolved), job, seed)
             out.data["prepared"] = prepared
@@ -236,33 +237,12 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     out.finish("ok")
 
 
-def _out_of_memory(method: Any) -> tuple[type[BaseException], ...]:
-    """The exceptions that mean the device ran out of memory: torch's for the methods it drives; an engine
-    with its own runtime reports a failed allocation as an error of its own."""
-    if not method.TORCH_DEVICE:
-        return ()
-    import torch
-
-    return (torch.OutOfMemoryError,)
-
-
-def _release_cached_memory() -> None:
-    import torch
-
-    torch.cuda.empty_cache()
-
-
-def _sync_device(method: Any, device: str) -> str:
-    """The device whose queue timing waits on through torch: none for engines that torch does not drive
-    (their calls return when the work is done, and a torch sync would create a CUDA context of its own)."""
-    return device if method.TORCH_DEVICE else "cpu"
-
-
 def _load(method: Any, resolved: Any, device: str) -> tuple[Any, float, dict[str, Any]]:
     """Load the model through the method; return it, the load time and the memory seen while loading."""
-    if method.TORCH_DEVICE:  # an engine with its own runtime never runs transformers' modeling code
+    runtime = method.RUNTIME
+    if runtime.runs_transformers_models:
         _import_model_code(resolved.pretrained)
-    with track_memory(device, method.TORCH_DEVICE) as memory, timed(_sync_device(method, device)) as seconds:
+    with runtime.track_memory(device) as memory, timed(runtime.sync_device(device)) as seconds:
         model = method.load(resolved.pretrained)
     method.verify(model, generated=False)
     log(f"loaded {resolved.name} in {seconds[0]:.1f} s")
@@ -336,10 +316,10 @@ def _consistency(method: Any, model: Any, all_ids: list[list[int]], run: RunConf
                                    logit_tolerance=method.consistency_tolerance())
     except NotImplementedError as exc:
         report = {"consistent": None, "reason": f"not checked: {exc}"}
-    except _out_of_memory(method) as exc:
+    except method.RUNTIME.out_of_memory_errors() as exc:
         report = {"consistent": None, "reason": f"not checked: out of memory: {str(exc).splitlines()[0]}"}
         del exc
-        _release_cached_memory()
+        method.RUNTIME.release_cached_memory()
     log(f"batch consistency: {report['consistent']}")
     return report
 
@@ -351,17 +331,18 @@ def _throughput(method: Any, model: Any, cell: CellResult, rows: list[list[int]]
     def generate(n: int, streamer: Any) -> None:
         method.generate(model, rows, n, streamer)
 
+    runtime = method.RUNTIME
     telemetry: dict[str, Any] = {}
     try:
-        with track_memory(device, method.TORCH_DEVICE) as memory:
-            timing = measure_generation(generate, _sync_device(method, device), len(rows), run.prompt_tokens,
+        with runtime.track_memory(device) as memory:
+            timing = measure_generation(generate, runtime.sync_device(device), len(rows), run.prompt_tokens,
                                         run.new_tokens, run.warmup, run.repeats,
                                         around_repeats=lambda: gpu_telemetry(device, telemetry))
-    except _out_of_memory(method) as exc:
+    except runtime.out_of_memory_errors() as exc:
         cell.error = f"out of memory at batch size {len(rows)}: {str(exc).splitlines()[0]}"
         log(cell.error)
         del exc
-        _release_cached_memory()
+        runtime.release_cached_memory()
         return
     try:
         method.verify(model, generated=True)
@@ -399,20 +380,20 @@ def _device_timing(method: Any, model: Any, cell: CellResult, rows: list[list[in
     try:
         timing, generated = measure_device(model, rows, run.new_tokens - 1, method.compiled, cuda=True,
                                            capturable=method.capture_blocker(), inject_fraction=inject_fraction)
-    except _out_of_memory(method) as exc:
+    except method.RUNTIME.out_of_memory_errors() as exc:
         cell.details["device_timing"] = {"unavailable": f"out of memory: {str(exc).splitlines()[0]}"}
         del exc
-        _release_cached_memory()
+        method.RUNTIME.release_cached_memory()
         return
     except Exception as exc:  # the device timer failed on this method: its tests fail with this, never skip
         cell.details["device_timing"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
         log(f"device timing failed: {cell.details['device_timing']['error']}")
         traceback.print_exc()
-        _release_cached_memory()
+        method.RUNTIME.release_cached_memory()
         return
     cell.figures.update(timing.figures(decode_s, run.new_tokens - 1))
     cell.details["device_timing"] = {**timing.details(), "generated_ids_digest": ids_digest(generated)}
-    _release_cached_memory()
+    method.RUNTIME.release_cached_memory()
     log(f"b{len(rows)}: device decode {cell.figures['decode_device_tokens_per_s'].value:.1f} tok/s "
         f"(+-{100 * cell.figures['decode_device_tokens_per_s'].relative_spread:.2f}%, {timing.how.value}), "
         f"{timing.kernels_per_step} kernels a step")

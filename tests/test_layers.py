@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("matrix spec and leaf types", ("cache", "config", "corpus", "figure", "hardware", "metrics", "tolerances",
                                     "values")),
     ("models and their files", ("embedded", "gguf", "models", "quant", "roofline")),
-    ("measurements and methods", ("evaluate", "measure", "methods")),
+    ("measurements and methods", ("evaluate", "measure", "methods", "runtimes")),
     ("the matrix file read and checked against the methods", ("matrix",)),
     ("results", ("history", "results")),
     ("baselines", ("baselines", "report")),

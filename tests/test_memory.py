@@ -21,11 +21,11 @@ def test_an_engine_with_its_own_runtime_never_touches_torch_cuda(monkeypatch):
 
     for name in ("synchronize", "empty_cache", "reset_peak_memory_stats", "max_memory_allocated"):
         monkeypatch.setattr(torch.cuda, name, forbidden)
-    monkeypatch.setattr(memory, "nvml_reader", lambda: None)  # no GPU here: NVML would be the only reader
+    monkeypatch.setattr(memory, "nvml_reader", lambda processes: None)  # no GPU here: NVML would be the only reader
     with memory.track_memory("cuda", torch_allocator=False) as out:
         pass
     assert "peak_vram_mib" not in out and "peak_rss_mib" in out
-    assert GGUFMethod.TORCH_DEVICE is False
+    assert GGUFMethod.RUNTIME.torch_allocator is False and not GGUFMethod.RUNTIME.torch_in_measured_process
     assert out["protocol"] == memory.MEMORY_PROTOCOL_DEFAULT  # no torch cache to empty: read as before
 
 
@@ -41,7 +41,7 @@ def test_the_allocators_cache_is_emptied_before_nvml_starts(monkeypatch):
         calls.append("nvml")
         return 5 * 2**20
 
-    monkeypatch.setattr(memory, "nvml_reader", lambda: (reader, "process"))
+    monkeypatch.setattr(memory, "nvml_reader", lambda processes: (reader, "process"))
     with memory.track_memory("cuda") as out:
         pass
     assert calls.index("empty_cache") < calls.index("reset_peak_memory_stats") < calls.index("nvml")

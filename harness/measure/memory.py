@@ -6,6 +6,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
 from typing import Any
 
 from harness.figure import Figure
@@ -64,11 +65,36 @@ def _rss_reader() -> Any:
     return lambda: process.memory_info().rss
 
 
-def nvml_reader() -> tuple[Any, str] | None:
-    """A function reading this process's device memory through NVML, and its scope.
+class NvmlProcesses(Enum):
+    """Whose device memory NVML's per-process reading sums."""
 
-    The scope is `process` when NVML lists this process (its own usage), else `device` (all usage on the
-    GPU: inside containers NVML often cannot see the process's pid).
+    WORKER = "the worker process"
+    TREE = "the worker process and its descendants"  # an engine that runs processes of its own (vLLM's engine core)
+
+
+def _pids(processes: NvmlProcesses) -> Any:
+    """A function returning the pids whose usage `processes` sums, read anew each call (children come and go)."""
+    pid = os.getpid()
+    if processes is NvmlProcesses.WORKER:
+        return lambda: {pid}
+    import psutil
+
+    worker = psutil.Process(pid)
+
+    def tree() -> set[int]:
+        try:
+            return {pid, *(child.pid for child in worker.children(recursive=True))}
+        except psutil.Error:  # a child that exits while it is listed
+            return {pid}
+
+    return tree
+
+
+def nvml_reader(processes: NvmlProcesses = NvmlProcesses.WORKER) -> tuple[Any, str] | None:
+    """A function reading the device memory of `processes` through NVML, and its scope.
+
+    The scope is `process` when NVML lists one of those processes (their own usage, summed), else `device`
+    (all usage on the GPU: inside containers NVML often cannot see the process's pid).
     """
     from harness.hardware import nvml_handle
 
@@ -76,13 +102,13 @@ def nvml_reader() -> tuple[Any, str] | None:
     if found is None:
         return None
     nvml, handle = found
-    pid = os.getpid()
+    pids = _pids(processes)
 
     def process_usage() -> int:
-        for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == pid and proc.usedGpuMemory is not None:
-                return int(proc.usedGpuMemory)
-        return -1
+        wanted = pids()
+        used = [int(proc.usedGpuMemory) for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                if proc.pid in wanted and proc.usedGpuMemory is not None]
+        return sum(used) if used else -1
 
     if process_usage() >= 0:
         return process_usage, "process"
@@ -90,11 +116,13 @@ def nvml_reader() -> tuple[Any, str] | None:
 
 
 @contextmanager
-def track_memory(device: str, torch_allocator: bool = True) -> Iterator[dict[str, Any]]:
+def track_memory(device: str, torch_allocator: bool = True,
+                 processes: NvmlProcesses = NvmlProcesses.WORKER) -> Iterator[dict[str, Any]]:
     """Yield a dict that receives peak memory Figures (MiB) for the block, and the NVML scope used.
 
     `torch_allocator` False: the block's device memory is not torch's (llama.cpp), so torch is left alone
     (asking it would create a CUDA context of its own, which NVML would then count) and NVML alone reports.
+    `processes`: whose usage NVML's reading sums (an engine's runtime says: harness/runtimes.py).
     """
     use_torch = device == "cuda" and torch_allocator
     out: dict[str, Any] = {"protocol": MEMORY_PROTOCOL_TORCH if use_torch else MEMORY_PROTOCOL_DEFAULT}
@@ -114,7 +142,7 @@ def track_memory(device: str, torch_allocator: bool = True) -> Iterator[dict[str
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     if device == "cuda":
-        reader = nvml_reader()
+        reader = nvml_reader(processes)
         if reader is not None:
             samplers["peak_nvml_mib"] = _Sampler(reader[0])
             out["nvml_scope"] = reader[1]

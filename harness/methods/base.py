@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from harness.config import MatrixError
 from harness.measure.consistency import LOGIT_TOLERANCE
+from harness.runtimes import TORCH, EngineRuntime
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -33,7 +34,7 @@ class Method(ABC):
     NAME: ClassVar[str]
     PARAMS: ClassVar[dict[str, Param]] = {}
     MARKER: ClassVar[str]  # pytest marker of its cells
-    TORCH_DEVICE: ClassVar[bool] = True  # runs on the device through torch (False: an engine with its own runtime)
+    RUNTIME: ClassVar[EngineRuntime] = TORCH  # how the worker measures it (harness/runtimes.py)
 
     def __init__(self, params: dict[str, Any], device: str) -> None:
         self.params = {name: params.get(name, p.default) for name, p in self.PARAMS.items()}
@@ -71,16 +72,10 @@ class Method(ABC):
             if importlib.util.find_spec(module) is None:
                 raise MethodUnavailable(f"{module} is not installed (install quantbench's "
                                         f"'{self.MARKER}' extra)")
-        if self.device == "cuda" and self.TORCH_DEVICE:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise MethodUnavailable("no CUDA GPU on this machine")
-        elif self.device == "cuda":
-            from harness.hardware import gpu_info
-
-            if gpu_info() is None:
-                raise MethodUnavailable("no CUDA GPU on this machine (NVML sees none)")
+        if self.device == "cuda":
+            missing = self.RUNTIME.missing_gpu()
+            if missing:
+                raise MethodUnavailable(missing)
 
     def prepare(self, resolved: Any, seed: int, log: Any) -> dict[str, Any] | None:
         """Build what loading needs (a quantized checkpoint) in the prepare process; return its record.

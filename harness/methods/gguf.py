@@ -30,6 +30,7 @@ from typing import Any
 from harness.cache import file_sha256
 from harness.gguf import GGUFError, _quiet_llama_cpp, check_gguf, gguf_file, read_sidecar
 from harness.methods.base import Method, MethodUnavailable, Param
+from harness.runtimes import NATIVE
 
 CONTEXT_ROUND = 256  # per-sequence context sizes are rounded up to this, so small changes reuse the context
 # Batch consistency on a GPU (Method.consistency_tolerance): llama.cpp's CUDA backend picks its matrix kernels by
@@ -84,7 +85,7 @@ class GGUFMethod(Method):
     """A GGUF file run by llama.cpp: f16 or one of llama.cpp's quantization types, on CPU or offloaded to GPU."""
 
     NAME = "gguf"
-    TORCH_DEVICE = False  # llama.cpp has its own CUDA runtime and allocator: torch never touches the GPU
+    RUNTIME = NATIVE  # llama.cpp has its own CUDA runtime and allocator: torch never touches the GPU
     MARKER = "gguf"
     PARAMS = {
         "qtype": Param(str, "q4_K_M", "llama.cpp quantization type of the converted file",
