@@ -24,8 +24,8 @@ from harness.isolation import Outcome
 from harness.matrix import load_matrix
 from harness.methods import BACKENDS, method_class
 from harness.metrics import TASK_PREFIX
-from harness.results import CellResult, cell_id, json_safe
-from harness.runner import RESULTS_SCHEMA_VERSION, Runner, RunOptions, new_run_id
+from harness.results import RESULTS_SCHEMA_VERSION, CellResult, cell_id, json_safe
+from harness.runner import Runner, RunOptions, new_run_id
 from harness.tolerances import Tolerances
 
 DEFAULT_MATRIX = Path("benchmarks") / "matrix.toml"

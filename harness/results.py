@@ -10,6 +10,10 @@ from typing import Any
 
 from harness.figure import Figure
 
+# The version of a run's results file (one JSON record per line), written into every record. A record without
+# the field was written before it existed and reads as version 1; any other version is refused.
+RESULTS_SCHEMA_VERSION = 1
+
 
 def json_safe(value: Any) -> Any:
     """`value` with every NaN or infinity inside it replaced by None, so strict JSON can hold it."""
@@ -95,9 +99,16 @@ def _records(path: Path) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a quantbench results record ({exc})") from None
+        version = record.get("schema_version", 1) if isinstance(record, dict) else None
+        if version is not None and (type(version) is not int or version != RESULTS_SCHEMA_VERSION):
+            raise ValueError(f"{path}:{number}: field 'schema_version' is {version!r}; this suite reads results "
+                             f"files of version {RESULTS_SCHEMA_VERSION} (written by another quantbench version?)")
+        try:
             records.append({**record, "line": number,
                             "results": [CellResult.from_dict(r) for r in record["results"]]})
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}:{number}: not a quantbench results record ({exc})") from None
     return records
 

@@ -33,9 +33,7 @@ from harness.gate import (
 from harness.hardware import cpu_share_env, gpu_info, hardware_key, worker_cpu_share, worker_gpu_env
 from harness.isolation import Outcome, run_isolated
 from harness.methods import BACKENDS, Method, method_class
-from harness.results import CellResult, cell_id, json_safe
-
-RESULTS_SCHEMA_VERSION = 1
+from harness.results import RESULTS_SCHEMA_VERSION, CellResult, cell_id, json_safe
 
 
 class JobKind(enum.Enum):

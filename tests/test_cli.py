@@ -86,6 +86,19 @@ def test_import_results_names_a_broken_line(tmp_path, capsys):
     assert "run.jsonl:1: not a quantbench results record" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("version", [2, 0, "1", True])
+def test_import_results_refuses_another_results_version_naming_the_line(tmp_path, capsys, version):
+    results = tmp_path / "run.jsonl"
+    write_results(results, [cell("fp16", "gpu-a", 100.0)])  # line 1: no schema_version, read as version 1
+    record = {"schema_version": version, "cell": "x", "status": "ok", "results": [cell("fp16", "gpu-b", 1.0).to_dict()]}
+    with open(results, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "import-results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert f"run.jsonl:2: field 'schema_version' is {version!r}; this suite reads results files of version 1" in err
+    assert not (tmp_path / "bl").exists() or BaselineStore(tmp_path / "bl").hardware_keys() == []
+
+
 def test_a_hub_model_that_cannot_be_reached_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

@@ -16,7 +16,7 @@ from harness.figure import Figure
 from harness.gate import replay
 from harness.isolation import Outcome
 from harness.matrix import load_matrix
-from harness.results import CellResult
+from harness.results import RESULTS_SCHEMA_VERSION, CellResult
 from harness.runner import JobKind, RunOptions
 
 MATRIX = """
@@ -105,6 +105,7 @@ def test_quantbench_run_and_quantbench_gate_read_a_run_alike(tmp_path, monkeypat
     quantbench_run(tmp_path)
     live = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("ok ", "FAIL", "noisy"))]
     [results] = (tmp_path / "results").glob("*.jsonl")
+    assert {json.loads(line)["schema_version"] for line in results.read_text().splitlines()} == {RESULTS_SCHEMA_VERSION}
     offline = replay(BaselineStore(tmp_path / "baselines"), [results], load_matrix(tmp_path / "matrix.toml"))
     assert sorted(live) == sorted(offline.lines)
     assert any(line.startswith("FAIL") for line in live)
