@@ -10,6 +10,7 @@ says why). A new engine either names one of them or declares its own `EngineRunt
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -63,10 +64,17 @@ class EngineRuntime:
         return self.out_of_memory()
 
     def release_cached_memory(self) -> None:
-        """Return what the runtime's allocator caches to the device, after an out-of-memory or a measurement."""
+        """Return what the runtime's allocator caches to the device, after an out-of-memory or a measurement.
+
+        Garbage is collected first: a finished measurement's objects that only reference cycles still hold (a
+        captured CUDA graph's pool, a static cache) would otherwise stay allocated into the next batch size's
+        memory figure (on an H200 the gate's injected-slowdown run, which captures the step up to four times,
+        read each b8 peak_vram_mib 64 MiB above its baseline: run S, docs/evidence/nvidia-h200-140gb).
+        """
         if self.torch_allocator:
             import torch
 
+            gc.collect()
             torch.cuda.empty_cache()
 
     def missing_gpu(self) -> str | None:

@@ -1,8 +1,10 @@
 """Engine runtimes: NVML over the worker's process tree, and the capabilities the worker asks of a runtime."""
 
+import gc
 import os
 import subprocess
 import time
+import weakref
 from types import SimpleNamespace
 
 import psutil
@@ -109,6 +111,25 @@ def test_the_torch_runtime_reads_torchs_allocator_and_the_workers_own_usage(monk
     assert out["peak_vram_mib"].value == 3 and out["peak_nvml_mib"].value == 5
     assert out["protocol"] == memory.MEMORY_PROTOCOL_TORCH
     assert TORCH.sync_device("cuda") == "cuda" and TORCH.sync_device("cpu") == "cpu"
+
+
+def test_releasing_memory_collects_what_only_cycles_still_hold_before_emptying_the_cache(monkeypatch):
+    class Graph:  # stands for a captured CUDA graph whose pool a finished measurement's closures kept
+        pass
+
+    graph = Graph()
+    graph.itself = graph  # a reference cycle: refcounting alone never frees it
+    alive = weakref.ref(graph)
+    seen = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: seen.append(alive() is None))
+    gc.disable()
+    try:
+        del graph
+        assert alive() is not None
+        TORCH.release_cached_memory()
+    finally:
+        gc.enable()
+    assert seen == [True]  # collected, then the cache emptied
 
 
 def test_out_of_memory_is_torchs_error_for_torch_and_nothing_for_a_native_engine():
