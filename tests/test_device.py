@@ -20,6 +20,7 @@ from harness.matrix import load_matrix
 from harness.measure import device
 from harness.measure.device import DeviceTiming, How, measure_device
 from harness.results import CellResult
+from harness.runtimes import NATIVE
 from harness.tolerances import Tolerances
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,6 +182,7 @@ def test_the_device_tolerance_catches_three_percent_and_lets_card_to_card_noise_
 def test_the_worker_records_device_figures_on_a_gpu_and_says_why_not_elsewhere(monkeypatch):
     class Method:
         compiled = False
+        RUNTIME = NATIVE  # no CUDA here: nothing of torch's to release, no out-of-memory error to map
 
         def device_timing_unavailable(self):
             return None
@@ -190,8 +192,6 @@ def test_the_worker_records_device_figures_on_a_gpu_and_says_why_not_elsewhere(m
 
     timing = DeviceTiming(How.CUDA_GRAPH, 1, 8, 3, (0.003, 0.003), (0.001,), 40, ("k",))
     monkeypatch.setattr(device, "measure_device", lambda *a, **k: (timing, [[1, 2, 3, 4]]))
-    monkeypatch.setattr(worker, "_release_cached_memory", lambda: None)
-    monkeypatch.setattr(worker, "_out_of_memory", lambda method: ())
     run = RunConfig(new_tokens=4)
     on_gpu = CellResult("m", "x", 1)
     worker._device_timing(Method(), None, on_gpu, [[0] * 8], run, "cuda", (0.012,), 0.0)
@@ -217,10 +217,11 @@ def _files(*names: str) -> list[Path]:
 
 
 @pytest.mark.parametrize("document_name, baselines, record, aa, injected", [
-    # against the committed baselines: runs O and Q recorded, runs P and R gated on other cards
+    # against the committed baselines: runs O and Q recorded, runs P, R and S gated on other cards (S also
+    # with a 3 % slowdown injected)
     ("gate-calibration.json", ROOT / "baselines",
      ("tiny-rerecord", "tiny-int8-record", "tiny-4bit-record", "7b-record", "tiny-bf16-record", "7b-compiled-record"),
-     [("aa4",), ("aa3",)], ()),
+     [("aa5",), ("aa4",), ("aa3",)], ("injected3",)),
     # against run L's baselines (kept beside the runs that gated them), which run Q replaced: runs M and N
     ("gate-calibration-run-L.json", EVIDENCE / "baselines-run-L", ("record", "record-compiled"),
      [("aa1", "aa1-compiled"), ("aa2",)], ("injected2",)),
