@@ -276,3 +276,32 @@ def test_smollm2s_own_tokenizer_in_llama_cpp_gives_the_ids_every_backend_is_fed(
     parity = tokenizer_parity(model, tokenizer_check(AutoTokenizer.from_pretrained(resolved.pretrained)))
     assert parity["status"] == "match", parity
     assert parity["hf_tokens"] > 300
+
+
+# ---- GPTQ kernels on SmolLM2's widths (GPU suite) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("params", "unfit"), [
+    ({"group_size": 128, "kernel": "marlin"}, True),
+    ({"group_size": 128, "kernel": "marlin", "format": "awq", "sym": False}, True),
+    ({"group_size": 64, "kernel": "marlin"}, False),
+    ({"group_size": 128, "kernel": "torch"}, False),  # TorchLinear pads
+    ({"group_size": 128}, False),  # auto: GPTQModel picks a kernel that fits
+])
+def test_a_kernel_that_cannot_group_the_layers_skips_before_quantizing(params, unfit, tmp_path):
+    pytest.importorskip("gptqmodel", reason="gptqmodel is not installed (the 'gptq' extra)")
+    from harness.methods import MethodUnavailable
+    from harness.methods.gptq import GPTQMethod
+    from harness.models import ResolvedModel
+
+    # SmolLM2-135M's widths: 576 = 9 heads x 64, 1536
+    config = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    method = GPTQMethod(params, "cuda")
+    reason = method.ungroupable(str(tmp_path))
+    assert (reason is not None) == unfit
+    if unfit:
+        assert "group_size 128" in reason and "hidden_size 576, attention width 576 are not" in reason
+        resolved = ResolvedModel("smollm2", str(tmp_path), False, False, 49152, {"source": "gguf"})
+        with pytest.raises(MethodUnavailable, match="does not pad"):
+            method.prepare(resolved, 0, quiet)
