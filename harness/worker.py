@@ -162,7 +162,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
             try:
                 with runtime.track_memory(device) as memory:
                     prepared = method.prepare(resolved, seed, log)
-            except MethodUnavailable as exc:  # not for this model (a GGUF file of its own that it lacks)
+            except MethodUnavailable as exc:  # not on this model (no GGUF file of its own, unfit widths)
                 out.finish("skipped", str(exc))
                 return
             if prepared is not None:
