@@ -1,6 +1,6 @@
 """Command line (`quantbench ...` or `python -m harness.cli ...`).
 
-compare, report, import-results, gate, calibrate, history, keys, build-*.
+compare, report, real-model, import-results, gate, calibrate, history, keys, build-*.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="markdown and self-contained HTML with plots for one or more hardware keys")
     rep.add_argument("keys", nargs="+", help="hardware keys; with two or more, the first two are compared")
     rep.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report)")
+    real = sub.add_parser("real-model", help="the markdown page of what each method costs on one model (accuracy, "
+                          "speed, memory), from its stored baselines on one hardware key (docs/real-model.md)")
+    real.add_argument("key", help="hardware key, e.g. cpu-amd-epyc-2c")
+    real.add_argument("model", help="model name, e.g. smollm2-135m")
+    real.add_argument("--out", type=Path, default=None, help="write the page here (default: print it)")
     imp = sub.add_parser("import-results", help="merge the figures of a run's results file (*.jsonl) into the "
                          "baselines of the hardware that produced them")
     imp.add_argument("results", nargs="+", type=Path)
@@ -112,6 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError as exc:
             print(f"error: {exc.args[0]}", file=sys.stderr)
             return 2
+    elif args.command == "real-model":
+        from harness.report import real_model_page
+
+        try:
+            page = real_model_page(store, args.key, args.model)
+        except KeyError as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 2
+        if args.out:
+            args.out.write_text(page, encoding="utf-8")
+            print(args.out)
+        else:
+            print(page, end="")
     elif args.command == "import-results":
         from harness.baselines import BaselineError
         from harness.gate import import_results

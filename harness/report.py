@@ -268,3 +268,74 @@ def step_summary(records: list[dict[str, Any]]) -> str:
                         f"{_worse_by(fig)} | {figure_status(record, name)} |")
     regressed = sum(r["status"] == "regressed" for r in records)
     return f"## quantbench\n\n{len(records)} gated results, {regressed} regressed.\n\n" + "\n".join(rows) + "\n"
+
+
+REAL_MODEL_COLUMNS = (  # (header, how a method's cells give it)
+    ("weights MiB", lambda m, b: _mib(m.details.get("weights_bytes"))),
+    ("ppl", lambda m, b: _num(_figure(m, "ppl"))),
+    ("ppl ratio", lambda m, b: _num(_figure(m, "ppl_ratio"))),
+    ("KLD mean", lambda m, b: _num(_figure(m, "kld_mean"))),
+    ("KLD p99", lambda m, b: _num(_figure(m, "kld_p99"))),
+    ("top-1", lambda m, b: _num(_figure(m, "top1_agreement"))),
+    ("batch consistent", lambda m, b: {True: "yes", False: "no"}.get(
+        (m.details.get("batch_consistency") or {}).get("consistent"), "-")),
+    ("decode tok/s", lambda m, b: _rate(b, "decode_tokens_per_s", 0)),
+    ("prefill tok/s", lambda m, b: _rate(b, "prefill_tokens_per_s", 0)),
+    ("peak RSS MiB", lambda m, b: _num(_figure(b, "peak_rss_mib"))),
+    ("load s", lambda m, b: _num(_figure(m, "load_s"))),
+    ("quantize s", lambda m, b: _num(_figure(m, "quantize_s") or (m.details.get("quantization") or {}).get(
+        "quantize_s"))),
+)
+
+
+def _mib(value: float | None) -> str:
+    return "-" if not value else f"{value / 2**20:.0f}"
+
+
+def real_model_page(store: BaselineStore, key: str, model: str) -> str:
+    """docs/real-model.md: what each method costs on a model with real weights, from its stored baselines.
+
+    One row per method: accuracy against the suite's reference (per-model figures) and the speed and memory
+    of the smallest batch size; the heading says which weights, file and protocol the figures are of.
+    """
+    path = store.path(key, model)
+    if not path.is_file():
+        raise KeyError(f"no baselines for {model} on {key}: {path} does not exist")
+    by_method = _cells_by_method(store.load(key, model))
+    sizes = sorted({b for cells in by_method.values() for b in cells if b is not None})
+    if not sizes or not any(None in cells for cells in by_method.values()):
+        raise KeyError(f"{path}: no method has both its per-model and batch-size cells")
+    size = sizes[0]
+    first = next(cells[None] for cells in by_method.values() if None in cells)
+    provenance = first.details.get("model") or {}
+    accuracy = first.config.get("accuracy") or {}
+    protocol = (first.details.get("ppl") or {}).get("protocol") or {}
+    reference = (first.details.get("reference") or {})
+    origin = (f"package {provenance['package']} {provenance['version']}, file {provenance['file']}"
+              if provenance.get("package") else f"file {provenance.get('path', '?')}")
+    lines = [
+        f"# What each method costs on a real model: {model}",
+        "",
+        f"Generated from [`baselines/{key}/{model}.json`](../baselines/{key}/{model}.json) by "
+        f"`quantbench real-model {key} {model} --out docs/real-model.md`; tests/test_docs.py checks that this "
+        "page is what the command writes from the committed file. Do not edit it by hand.",
+        "",
+        f"- weights: {origin}, sha256 `{provenance.get('gguf_sha256', '?')}`; "
+        f"{provenance.get('weights', provenance.get('source', '?'))}",
+        f"- accuracy: perplexity over {protocol.get('scored_tokens', '?')} held-out tokens of the corpus "
+        f"(harness/corpus.py) in the model's own tokens, {accuracy.get('context_tokens')}-token windows, "
+        f"stride {accuracy.get('stride')}; KL divergence and top-1 agreement against "
+        f"{reference.get('method', 'the reference')}; batch consistency of greedy tokens, batched and alone",
+        f"- speed and memory: batch size {size}, {first.config['run']['prompt_tokens']}-token prompts, "
+        f"{first.config['run']['new_tokens']} new tokens, on {key}; the median of the timed repeats and their "
+        "spread",
+        "",
+        "| method | " + " | ".join(header for header, _ in REAL_MODEL_COLUMNS) + " |",
+        "|" + "---|" * (len(REAL_MODEL_COLUMNS) + 1),
+    ]
+    for method, cells in sorted(by_method.items(), key=lambda item: _figure(item[1].get(None), "kld_mean") or 0):
+        if None not in cells:
+            continue
+        row = [method] + [value(cells[None], cells.get(size)) for _, value in REAL_MODEL_COLUMNS]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"

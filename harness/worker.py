@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cache import atomic_write_text, cache_root
-from harness.config import AccuracyConfig, ModelSpec, RunConfig
+from harness.config import AccuracyConfig, ModelSpec, ModelUnavailable, RunConfig
 from harness.figure import Figure
 from harness.hardware import apply_cpu_share, environment, machine_info
 from harness.measure import consistency
@@ -142,7 +142,11 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         return
 
     if not torch_free:
-        resolved = resolve(ModelSpec(**job["model"]), log=log)
+        try:
+            resolved = resolve(ModelSpec(**job["model"]), log=log)
+        except ModelUnavailable as exc:  # an optional model not installed here, as a missing library skips
+            out.finish("skipped", str(exc))
+            return
     elif "inputs" in (job.get("prepared") or {}):  # resolving the embedded model imports torch
         resolved = ResolvedModel(**job["prepared"]["inputs"]["resolved"])
     else:
@@ -155,8 +159,12 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         if job["accuracy"].get("text"):
             eval_ids(resolved, _tokenizer(resolved), AccuracyConfig(**job["accuracy"]), seed)
         if job.get("prepare_method"):
-            with runtime.track_memory(device) as memory:
-                prepared = method.prepare(resolved, seed, log)
+            try:
+                with runtime.track_memory(device) as memory:
+                    prepared = method.prepare(resolved, seed, log)
+            except MethodUnavailable as exc:  # not on this model (no GGUF file of its own, unfit widths)
+                out.finish("skipped", str(exc))
+                return
             if prepared is not None:
                 # the memory the work used: a GPU's, or host memory for work done on the CPU (RTN packing)
                 peak = "peak_vram_mib" if prepared.get("device", device) == "cuda" else "peak_anon_rss_mib"
@@ -231,7 +239,8 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     for batch_size in job["batch_sizes"]:
         rows = all_ids[:batch_size]
         cell = CellResult(batch_size=batch_size, details={"prompt_ids_digest": ids_digest(rows),
-                                                          "synthetic": resolved.synthetic}, **base)
+                                                          "synthetic": resolved.synthetic,
+                                                          "model": resolved.provenance}, **base)
         _throughput(method, model, cell, rows, run, device, float(job.get("inject_device_slowdown", 0)))
         out.add(cell)
     out.finish("ok")

@@ -179,3 +179,30 @@ def test_every_quantbench_command_the_docs_name_exists(page: Path) -> None:
     named = set(_COMMAND.findall(page.read_text(encoding="utf-8")))
     assert named, f"{page.relative_to(ROOT)} names no quantbench command"
     assert sorted(named - subcommands(cli.build_parser())) == []
+
+
+REAL_MODEL_PAGE = ROOT / "docs" / "real-model.md"
+
+
+def test_the_real_model_page_is_what_quantbench_real_model_writes_from_the_committed_baselines() -> None:
+    """docs/real-model.md is generated, never typed: regenerate it with the command its first lines name."""
+    from harness.baselines import BaselineStore
+    from harness.report import real_model_page
+
+    expected = real_model_page(BaselineStore(ROOT / "baselines"), "cpu-amd-epyc-2c", "smollm2-135m")
+    assert REAL_MODEL_PAGE.read_text(encoding="utf-8") == expected, (
+        "docs/real-model.md differs from the committed baselines: quantbench real-model cpu-amd-epyc-2c "
+        "smollm2-135m --out docs/real-model.md")
+
+
+def test_the_real_model_page_has_a_row_per_method_with_its_accuracy() -> None:
+    """Every method of the committed baseline file is a row, and the reference's own KL divergence is zero."""
+    import json
+
+    stored = json.loads((ROOT / "baselines" / "cpu-amd-epyc-2c" / "smollm2-135m.json").read_text())
+    methods = {cell["method"] for cell in stored["cells"].values() if cell["batch_size"] is None}
+    rows = {line.split(" | ")[0].lstrip("| ") for line in REAL_MODEL_PAGE.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    assert rows == methods and "fp32" in rows
+    fp32 = next(line for line in REAL_MODEL_PAGE.read_text().splitlines() if line.startswith("| fp32 |"))
+    assert fp32.split(" | ")[4] == "0"  # KLD mean of the reference against itself

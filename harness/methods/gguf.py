@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cache import file_sha256
+from harness.config import MatrixError
 from harness.gguf import GGUFError, _quiet_llama_cpp, check_gguf, gguf_file, read_sidecar
 from harness.methods.base import Method, MethodUnavailable, Param
 from harness.runtimes import NATIVE
@@ -91,6 +92,8 @@ class GGUFMethod(Method):
         "qtype": Param(str, "q4_K_M", "llama.cpp quantization type of the converted file",
                        ("f16", "q8_0", "q4_0", "q4_K_M", "q5_K_M")),
         "file": Param(str, "", "an existing .gguf file to benchmark as is, instead of converting the model"),
+        "model_file": Param(bool, False, "benchmark the model's own GGUF file as it is (a model of source gguf, "
+                            "e.g. the file a package ships), instead of re-quantizing its dequantized weights"),
         "n_gpu_layers": Param(int, -1, "layers offloaded to the GPU (-1: all); forced to 0 on the CPU"),
         "flash_attn": Param(bool, False, "llama.cpp's flash attention"),
         "n_batch": Param(int, 512, "most tokens per llama_decode call (longer prompts are split)"),
@@ -104,6 +107,14 @@ class GGUFMethod(Method):
                                 "decode time and the suite's; the host loop costs ~40 us a step, so models "
                                 "whose steps take well under a millisecond need more"),
     }
+
+    @classmethod
+    def validate(cls, params: dict[str, Any], where: str) -> None:
+        super().validate(params, where)
+        if params.get("model_file") and params.get("file"):
+            raise MatrixError(f"{where}.model_file: benchmarks the model's own GGUF file; 'file' names another one")
+        if (params.get("model_file") or params.get("file")) and "qtype" in params:
+            raise MatrixError(f"{where}.qtype: a given GGUF file is benchmarked as it is, never quantized")
 
     @classmethod
     def requires(cls) -> tuple[str, ...]:
@@ -137,11 +148,24 @@ class GGUFMethod(Method):
         The measured process then only loads it: its load time and memory hold no conversion, and it never
         reads the Hugging Face weights. The conversion's wall times go to the cell's details.
         """
-        path = self._gguf_path(resolved.pretrained)
+        path = self._model_file(resolved) if self.params["model_file"] else self._gguf_path(resolved.pretrained)
         sidecar = read_sidecar(path)
         return {"file": str(path), **{k: sidecar[k] for k in ("convert_s", "quantize_s") if k in sidecar}}
 
+    def _model_file(self, resolved: Any) -> Path:
+        """The GGUF file a model of source gguf was made from (harness/gguf_model.py), checked."""
+        provenance = resolved.provenance
+        if provenance.get("source") != "gguf":
+            raise MethodUnavailable(f"model_file benchmarks a model's own GGUF file; {resolved.name} has none "
+                                    f"(source {provenance.get('source')})")
+        path = Path(provenance["path"])
+        check_gguf(path)
+        return path
+
     def _gguf_path(self, pretrained: str) -> Path:
+        if self.params["model_file"]:
+            raise GGUFError("model_file: the model's own GGUF file is found when the method is prepared "
+                            "(prepare(resolved, ...)); this method was loaded without it")
         if self.params["file"]:
             path = Path(self.params["file"]).expanduser()
             check_gguf(path)
@@ -445,7 +469,8 @@ class GGUFMethod(Method):
         differences = model.perf_differences
         return {
             **super().describe(model),
-            "qtype": self.params["qtype"] if not self.params["file"] else None,
+            "qtype": self.params["qtype"] if not (self.params["file"] or self.params["model_file"]) else None,
+            "model_file": self.params["model_file"],
             "model_desc": _model_desc(model.llama_model),
             "file": str(model.path),
             "file_size_bytes": model.path.stat().st_size,

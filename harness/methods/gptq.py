@@ -8,6 +8,7 @@ another kernel fails the cell.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,9 @@ class GPTQMethod(CompilableMethod):
             folder = Path(self.params["checkpoint"]).expanduser()
             check_checkpoint(folder)
             return {"checkpoint": str(folder), "fresh": False, "user_checkpoint": True}
+        unfit = self.ungroupable(resolved.pretrained)
+        if unfit:
+            raise MethodUnavailable(unfit)
         folder, sidecar = self._build(resolved, seed, log)
         return {"checkpoint": str(folder), **{k: v for k, v in sidecar.items() if k != "key"}}
 
@@ -100,6 +104,39 @@ class GPTQMethod(CompilableMethod):
             windows, label = calibration_ids(spec, tokenizer, resolved.vocab_size, seed)
             log(f"calibration: {len(windows)} x {spec.calibration_tokens} ids from {label}")
         return quantized_folder(Path(resolved.pretrained), spec, windows, self.device, log)
+
+    def ungroupable(self, pretrained: str) -> str | None:
+        """Why the pinned kernel cannot run this model's layers in groups of `group_size`, or None.
+
+        GPTQModel's contract: a kernel that does not declare SUPPORTS_AUTO_PADDING needs every layer's input
+        width divisible by the group size (SmolLM2's 576 is not by 128, for Marlin); found before quantizing.
+        """
+        group, kernel = self.params["group_size"], self.params["kernel"]
+        config_path = Path(pretrained) / "config.json"
+        if group <= 0 or kernel == "auto" or self.params["engine"] != "gptqmodel" or not config_path.is_file():
+            return None
+        config = json.loads(config_path.read_text())
+        heads = config["num_attention_heads"]
+        widths = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"],
+                  "attention width": heads * (config.get("head_dim") or config["hidden_size"] // heads)}
+        unfit = {name: width for name, width in widths.items() if width % group}
+        if not unfit:
+            return None
+        from gptqmodel import BACKEND
+        from gptqmodel.quantization import FORMAT, METHOD
+        from gptqmodel.utils.importer import get_kernel_for_backend
+
+        fmt = FORMAT.GPTQ if self.params["format"] == "gptq" else FORMAT(self.params["awq_version"])
+        try:
+            linear = get_kernel_for_backend(BACKEND(kernel), METHOD(self.params["format"]), fmt)
+        except (ValueError, KeyError):  # GPTQModel names no such kernel for this format: loading says why
+            return None
+        if linear.SUPPORTS_AUTO_PADDING:
+            return None
+        widths_text = ", ".join(f"{name} {width}" for name, width in unfit.items())
+        return (f"kernel {kernel!r} ({linear.__name__}) needs layer widths divisible by group_size {group} and does "
+                f"not pad; this model's {widths_text} {'is' if len(unfit) == 1 else 'are'} not (a smaller group_size "
+                "fits)")
 
     def checkpoint(self, pretrained: str) -> Path:
         """The folder `load` reads: the user's checkpoint, or the one `prepare` cached for this model."""
