@@ -222,3 +222,40 @@ def test_the_pytest_summary_starts_with_the_notice_and_records_each_figures_key(
                                          "by", "status"]
     assert any(line.split()[:2] == ["bnb-nf4-cpu|embedded", "ppl"] and RECORDED in line for line in reporter.lines)
     assert any("1 cell(s) have no baseline for this hardware" in line for line in reporter.lines)
+
+
+def heldout_ppl(method, model, ids: list[int]) -> float:
+    import torch
+
+    logits = method.logits(model, ids)
+    return float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).exp())
+
+
+def test_a_broken_quantizer_fails_the_cross_key_accuracy_check(tmp_path):
+    """The shipped embedded model through the torch method, with its weights corrupted as a broken quantizer
+    would (`Method.corrupt_weights`, what --inject-weight-noise does in the worker): against another CPU key's
+    baseline of the intact model, the intact model passes and the broken one fails, naming that key."""
+    from transformers import AutoTokenizer
+
+    from harness.corpus import split
+    from harness.embedded import SHIPPED_MODEL_SHA256, shipped
+    from harness.methods.dense import DenseMethod
+
+    folder = str(shipped())
+    ids = AutoTokenizer.from_pretrained(folder)(split().heldout[:4000])["input_ids"][:256]
+    method = DenseMethod({"dtype": "float32"}, "cpu")
+    model = method.load(folder)
+    intact = heldout_ppl(method, model, ids)
+    assert method.corrupt_weights(model, 0.2, seed=0) > 0
+    broken = heldout_ppl(method, model, ids)
+    again = method.load(folder)  # nothing on disk changed
+    assert heldout_ppl(method, again, ids) == intact
+
+    store = BaselineStore(tmp_path)
+    store.merge(RECORDED, [model_cell(ppl=intact, weights=SHIPPED_MODEL_SHA256)])
+    for ppl, status in ((intact, Status.PASS), (broken, Status.REGRESSED)):
+        measured = model_cell(ppl=ppl, weights=SHIPPED_MODEL_SHA256, key=UNSEEN)
+        verdict = judge(measured, store.gate_baseline(UNSEEN, measured), POLICY, metrics=["ppl"])
+        assert verdict.status is status, (intact, broken, verdict.lines())
+        assert verdict.checks[0].baseline_key == RECORDED
+    assert f"held to the baseline of {RECORDED}" in verdict.failure_text()
