@@ -290,7 +290,8 @@ class BaselineStore:
 
         Speed and memory figures only ever meet the baseline of `hardware_key`. So do accuracy figures
         (MetricSpec.accuracy), except on a CPU key: there they meet its own baseline when that was measured on
-        the same weights, else the first other CPU key's (sorted) that was measured the same way, on the same
+        the same weights (`_weights_differ`: a baseline without a weights sha256 does not qualify where the cell
+        has one), else the first other CPU key's (sorted) that was measured the same way, on the same
         weights, with the same versions of the libraries that decide them (`accuracy_differences`); when some key
         has a baseline of the cell but none qualifies, they are not compared and `GateBaseline.not_compared` says
         why, key by key (when no key has one, the baseline is missing as on any key). Raises
@@ -446,10 +447,15 @@ def _weights_of(cell: CellResult) -> str | None:
 
 
 def _weights_differ(measured: CellResult, baseline: CellResult) -> str | None:
-    """Why `baseline` was measured on other weights than `measured`, or None when the two sha256 agree or either
-    is unrecorded (then a baseline of the run's own key still gates, as before weights were recorded)."""
+    """Why `baseline` may have been measured on other weights than `measured`: their sha256 differ, or only
+    `measured` records one. None when they agree, or when `measured` records none (a model without a weights
+    hash, such as a synthetic one, gates its own key as before weights were recorded)."""
     old, new = _weights_of(baseline), _weights_of(measured)
-    if old and new and old != new:
+    if not new:
+        return None
+    if not old:
+        return "weights unknown (the baseline records no weights sha256; re-record it)"
+    if old != new:
         return f"weights differ (baseline sha256 {old[:16]}, now {new[:16]})"
     return None
 
@@ -462,11 +468,8 @@ def accuracy_differences(measured: CellResult, baseline: CellResult) -> list[str
     baseline of another hardware key is compared only when this is empty: then the figures are the same
     computation on other cores, where a change is the code's and not the machine's.
     """
-    old, new = _weights_of(baseline), _weights_of(measured)
-    if not new:
+    if not _weights_of(measured):
         found = ["weights unknown (this run records no weights sha256 for its model)"]
-    elif not old:
-        found = ["weights unknown (the baseline records no weights sha256; re-record it)"]
     else:
         found = [differ] if (differ := _weights_differ(measured, baseline)) else []
     names = measured.details.get("accuracy_packages")

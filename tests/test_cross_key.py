@@ -134,6 +134,21 @@ def test_gpu_keys_never_cross(tmp_path):
     assert store.gate_baseline("nvidia-h100-80gb-hbm3", model_cell()).accuracy.cell is None
 
 
+def test_the_own_keys_baseline_without_a_weights_hash_gives_way_to_another_keys(tmp_path):
+    """A Xeon's own baselines, recorded on an earlier embedded model, never judge its accuracy once the cell
+    records its weights; another key's baseline of the same weights and versions does."""
+    store = BaselineStore(tmp_path)
+    store.merge(UNSEEN, [model_cell(ppl=80.0, weights=None)])
+    verdict = judge(model_cell(), store.gate_baseline(UNSEEN, model_cell()), POLICY)
+    assert verdict.status is Status.NOT_COMPARED and not verdict.failed
+    assert f"{UNSEEN}: weights unknown (the baseline records no weights sha256" in verdict.checks[0].message
+    assert [c.baseline_key for c in verdict.checks if c.compared] == [UNSEEN]  # load_s: its own key's, as before
+    store.merge(RECORDED, [model_cell()])
+    assert store.gate_baseline(UNSEEN, model_cell()).accuracy.key == RECORDED
+    synthetic = model_cell(weights=None)  # a cell without a weights hash gates its own key as before
+    assert store.gate_baseline(UNSEEN, synthetic).accuracy.key == UNSEEN
+
+
 def test_the_own_key_wins_and_other_weights_there_look_elsewhere(tmp_path):
     store = BaselineStore(tmp_path)
     store.merge(RECORDED, [model_cell()])
