@@ -24,7 +24,7 @@ from typing import Any, NoReturn, Protocol, TypedDict
 
 from harness.cache import atomic_write_text, file_lock
 from harness.figure import Figure
-from harness.hardware import short_uuid
+from harness.hardware import is_cpu_key, short_uuid
 from harness.measure.memory import MEMORY_PROTOCOL_DEFAULT, PROTOCOL_METRICS
 from harness.metrics import DEVICE_METRICS, METRICS
 from harness.metrics import metric as metric_spec
@@ -280,6 +280,52 @@ class BaselineStore:
         """The stored baseline of `cell` on `hardware_key`, or None when it has none."""
         return self.load(hardware_key, cell.model).get(cell.id)
 
+    def has_baselines(self, hardware_key: str) -> bool:
+        """Whether `hardware_key` has any baseline file."""
+        folder = self.root / hardware_key
+        return folder.is_dir() and any(folder.glob("*.json"))
+
+    def gate_baseline(self, hardware_key: str, cell: CellResult) -> GateBaseline:
+        """The baselines the figures of `cell` are judged against when the run gates under `hardware_key`.
+
+        Speed and memory figures only ever meet the baseline of `hardware_key`. So do accuracy figures
+        (MetricSpec.accuracy), except on a CPU key: there they meet its own baseline when that was measured on
+        the same weights (`_weights_differ`: a baseline without a weights sha256 does not qualify where the cell
+        has one), else the first other CPU key's (sorted) that was measured the same way, on the same
+        weights, with the same versions of the libraries that decide them (`accuracy_differences`); when some key
+        has a baseline of the cell but none qualifies, they are not compared and `GateBaseline.not_compared` says
+        why, key by key (when no key has one, the baseline is missing as on any key). Raises
+        BaselineError when the file of `hardware_key` cannot be read; another key's file that cannot be read is
+        one more reason in `not_compared`.
+        """
+        own = StoredBaseline(hardware_key, self.path(hardware_key, cell.model), self.get(hardware_key, cell))
+        if not is_cpu_key(hardware_key):
+            return GateBaseline(own, own)
+        reasons = []
+        if own.cell is not None:
+            differ = _weights_differ(cell, own.cell)
+            if differ is None:
+                return GateBaseline(own, own)
+            reasons.append(f"{hardware_key}: {differ}")
+        others = [key for key in self.hardware_keys() if is_cpu_key(key) and key != hardware_key]
+        for key in others:
+            try:
+                stored = self.get(key, cell)
+            except BaselineError as exc:
+                reasons.append(f"{key}: its baseline file cannot be read ({str(exc).split('; ')[0]})")
+                continue
+            if stored is None:
+                continue
+            mismatch = provenance_mismatch(cell, stored) or accuracy_differences(cell, stored)
+            if not mismatch:
+                return GateBaseline(own, StoredBaseline(key, self.path(key, cell.model), stored))
+            reasons.append(f"{key}: {'; '.join(mismatch)}")
+        if not reasons:  # no CPU key has a baseline of this cell: it is missing, as on any key
+            return GateBaseline(own, own)
+        if own.cell is None:
+            reasons.insert(0, f"{hardware_key}: no baseline")
+        return GateBaseline(own, None, "; ".join(reasons))
+
     def merge(self, hardware_key: str, results: Iterable[CellResult], pool: bool = False,
               replace_unreadable: bool = False, log: Callable[[str], None] = print) -> list[Path]:
         """Store `results` as the baselines of their cells on `hardware_key`; return the files written.
@@ -361,6 +407,80 @@ class BaselineStore:
             raise
         except BaselineError as exc:
             raise UnreadableBaselineError(str(exc), aside) from None
+
+
+@dataclass(frozen=True)
+class StoredBaseline:
+    """One hardware key's baseline of a cell and the file it lives in; `cell` is None when the file has none."""
+
+    key: str
+    path: Path
+    cell: CellResult | None
+
+
+@dataclass(frozen=True)
+class GateBaseline:
+    """What each figure of one cell is judged against (`BaselineStore.gate_baseline`).
+
+    `own` is the baseline of the key the run gates under: every speed and memory figure meets it. `accuracy` is
+    the one the accuracy figures meet (`own`, or another CPU key's); None when they are compared with nothing,
+    and then `not_compared` says why.
+    """
+
+    own: StoredBaseline
+    accuracy: StoredBaseline | None
+    not_compared: str | None = None
+
+    @classmethod
+    def none(cls, key: str, path: Path) -> GateBaseline:
+        """No baseline for any figure under `key` (a recording compares nothing)."""
+        own = StoredBaseline(key, path, None)
+        return cls(own, own)
+
+    def for_metric(self, metric: str) -> StoredBaseline | None:
+        """The baseline `metric` is judged against; None: not compared (`not_compared` says why)."""
+        return self.accuracy if metric_spec(metric).accuracy else self.own
+
+
+def _weights_of(cell: CellResult) -> str | None:
+    return (cell.details.get("model") or {}).get("weights_sha256")
+
+
+def _weights_differ(measured: CellResult, baseline: CellResult) -> str | None:
+    """Why `baseline` may have been measured on other weights than `measured`: their sha256 differ, or only
+    `measured` records one. None when they agree, or when `measured` records none (a model without a weights
+    hash, such as a synthetic one, gates its own key as before weights were recorded)."""
+    old, new = _weights_of(baseline), _weights_of(measured)
+    if not new:
+        return None
+    if not old:
+        return "weights unknown (the baseline records no weights sha256; re-record it)"
+    if old != new:
+        return f"weights differ (baseline sha256 {old[:16]}, now {new[:16]})"
+    return None
+
+
+def accuracy_differences(measured: CellResult, baseline: CellResult) -> list[str]:
+    """What decides the accuracy figures and differs between `baseline` and `measured`, or is unknown.
+
+    The weights (`details.model.weights_sha256`) and the versions of the libraries the measured method declares
+    (`details.accuracy_packages`: torch, transformers and the method's own, Method.ACCURACY_PACKAGES). A
+    baseline of another hardware key is compared only when this is empty: then the figures are the same
+    computation on other cores, where a change is the code's and not the machine's.
+    """
+    if not _weights_of(measured):
+        found = ["weights unknown (this run records no weights sha256 for its model)"]
+    else:
+        found = [differ] if (differ := _weights_differ(measured, baseline)) else []
+    names = measured.details.get("accuracy_packages")
+    if not names:
+        return [*found, "this run records no accuracy_packages"]
+    old_packages = baseline.environment.get("packages") or {}
+    new_packages = measured.environment.get("packages") or {}
+    for name in names:
+        if old_packages.get(name) != new_packages.get(name):
+            found.append(f"{name} differs ({old_packages.get(name)} -> {new_packages.get(name)})")
+    return found
 
 
 def _free_name(path: Path) -> Path:

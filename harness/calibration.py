@@ -34,7 +34,7 @@ def _verdicts(store: BaselineStore, matrix: Any, paths: list[Path]) -> dict[tupl
             if result.batch_size is None:
                 continue
             key = result.hardware["hardware_key"]
-            verdict = judge(result, store.get(key, result), policy, metrics=CALIBRATED_METRICS, hardware_key=key)
+            verdict = judge(result, store.gate_baseline(key, result), policy, metrics=CALIBRATED_METRICS)
             regressed = {check.metric for check in verdict.checks if check.status is Status.REGRESSED}
             for check in verdict.checks:
                 if check.compared:

@@ -238,6 +238,8 @@ def gate(store: BaselineStore, args: argparse.Namespace) -> int:
 def print_report(report: GateReport, failures_only: bool, recording: bool = False) -> int:
     """Print a gate report's lines and tallies; the exit status says how it ended (`recording`: comparing
     nothing is what a recording does, not a failure)."""
+    for line in report.notices:
+        print(line)
     for line in report.lines:
         if not failures_only or line.startswith("FAIL"):
             print(line)

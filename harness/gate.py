@@ -20,6 +20,8 @@ from typing import Any
 
 from harness.baselines import (
     BaselineStore,
+    GateBaseline,
+    StoredBaseline,
     Verdict,
     compare,
     kernel_changes,
@@ -29,12 +31,15 @@ from harness.baselines import (
     stale_figures,
     unresolved_message,
 )
+from harness.hardware import is_cpu_key
 from harness.measure.consistency import describe_failure
 from harness.metrics import DEVICE_METRICS
 from harness.results import CellResult, read_run
 from harness.tolerances import Tolerances
 
 RECORD = "record one with --update-baselines"
+# the config fields of the faults a run injects to test the gate: such a result never becomes a baseline
+INJECTED = ("inject_decode_delay_ms", "inject_device_slowdown", "inject_weight_noise")
 RERECORD = "re-record it with --update-baselines"
 
 
@@ -47,6 +52,7 @@ class Status(StrEnum):
     REGRESSED = "regressed"
     STALE = "stale"  # a baseline figure read another way (a check only; the cell is incomparable)
     MISSING = "missing"  # no baseline, or no baseline figure
+    NOT_COMPARED = "not compared"  # an accuracy figure with no baseline measured on its weights and library versions
     INCOMPARABLE = "incomparable"  # the baseline was measured differently, or some of its figures are stale
     RECORDED = "updated"  # --update-baselines: the figures became the baseline, nothing was compared
     ERROR = "error"  # the run failed, a figure is not finite, the device timer or batch consistency failed
@@ -72,7 +78,8 @@ class Check:
     tolerance: float | None = None
     noise: float | None = None
     noise_abs: float | None = None
-    why: str | None = None  # a stale figure: what was read another way
+    why: str | None = None  # a stale figure: what was read another way; a figure not compared: why not
+    baseline_key: str | None = None  # the hardware key of the baseline this check was held to
 
     @property
     def delta_percent(self) -> float | None:
@@ -124,24 +131,29 @@ class CellVerdict:
     def lines(self) -> list[str]:
         """What `quantbench gate` prints: one line per check, `ok`, `noisy`, `new` or `FAIL` first.
 
-        A failing comparison's line ends with what differed from the baseline's run; a figure the baseline lacks
-        is printed only where it fails (--strict-baselines).
+        A figure held to another hardware key's baseline than the run's ends with `[baseline of KEY]`; a failing
+        comparison's line ends with what differed from the baseline's run; a figure the baseline lacks is
+        printed only where it fails (--strict-baselines).
         """
         differed = f"; the baseline's run differed in: {', '.join(self.differences)}" if self.differences else ""
         lines = []
         for check in self.checks:
+            crossed = check.compared and check.baseline_key not in (None, self.hardware_key)
+            key = f" [baseline of {check.baseline_key}]" if crossed else ""
             if check.status is Status.SKIPPED:
                 continue
             if check.status is Status.MISSING and not check.fails:
                 if check.metric is None:
                     lines.append(f"new  {self.cell}: no baseline under {self.hardware_key}")
+            elif check.status is Status.NOT_COMPARED and not check.fails:
+                lines.append(f"new  {check.message}")
             elif check.fails:
                 compared = check.status in (Status.REGRESSED, Status.UNRESOLVED)
-                lines.append(f"FAIL {check.message}{differed if compared else ''}")
+                lines.append(f"FAIL {check.message}{key}{differed if compared else ''}")
             elif check.status is Status.UNRESOLVED:
-                lines.append(f"noisy {check.message}")
+                lines.append(f"noisy {check.message}{key}")
             else:
-                lines.append(f"ok   {check.message}")
+                lines.append(f"ok   {check.message}{key}")
         return lines
 
 
@@ -192,20 +204,22 @@ def add_gate_options(addoption: Callable[..., Any]) -> None:
                    "(quantbench gate: the key the run recorded, else the one each result was measured on)")
 
 
-def _check(verdict: Verdict, status: Status, message: str, fails: bool) -> Check:
+def _check(verdict: Verdict, status: Status, message: str, fails: bool, key: str) -> Check:
     return Check(verdict.metric, status, message, fails, verdict.baseline, verdict.measured, verdict.change,
-                 verdict.tolerance, verdict.noise, verdict.noise_abs)
+                 verdict.tolerance, verdict.noise, verdict.noise_abs, baseline_key=key)
 
 
-def _figure_check(verdict: Verdict, policy: GatePolicy, pooled: str) -> Check:
+def _figure_check(verdict: Verdict, policy: GatePolicy, pooled: str, key: str, elsewhere: str) -> Check:
+    """One figure's check against the baseline of `key`; `elsewhere` ends a failing message when that is another
+    hardware key than the run's."""
     if verdict.regressed:
-        return _check(verdict, Status.REGRESSED, verdict.message + pooled, True)
+        return _check(verdict, Status.REGRESSED, verdict.message + pooled + elsewhere, True, key)
     if verdict.unresolved:
         if policy.fail_unresolved:
-            return _check(verdict, Status.UNRESOLVED, unresolved_message(verdict) + pooled, True)
-        return _check(verdict, Status.UNRESOLVED, verdict.message, False)
+            return _check(verdict, Status.UNRESOLVED, unresolved_message(verdict) + pooled + elsewhere, True, key)
+        return _check(verdict, Status.UNRESOLVED, verdict.message, False, key)
     improved = -verdict.change > verdict.tolerance and -verdict.change > verdict.noise
-    return _check(verdict, Status.IMPROVED if improved else Status.PASS, verdict.message, False)
+    return _check(verdict, Status.IMPROVED if improved else Status.PASS, verdict.message, False, key)
 
 
 def _nothing_to_gate(result: CellResult, metrics: list[str]) -> str:
@@ -254,22 +268,21 @@ def judge_consistency(result: CellResult) -> CellVerdict:
                              + (f": {described}" if described else ""))
 
 
-def judge(result: CellResult, baseline: CellResult | None, policy: GatePolicy, *, metrics: Iterable[str] | None = None,
-          hardware_key: str | None = None, baseline_path: Path | str | None = None,
+def judge(result: CellResult, baseline: GateBaseline, policy: GatePolicy, *, metrics: Iterable[str] | None = None,
           recording: bool = False) -> CellVerdict:
-    """Judge `result` against `baseline` (None: there is none) under `policy`.
+    """Judge `result` against the baselines `baseline` names per figure (BaselineStore.gate_baseline) under `policy`.
 
     `metrics` are the figures gated (a test's); None gates every figure, and batch consistency too (the offline
-    gate). `hardware_key` and `baseline_path` only name where the baseline was looked for. With `recording`
-    (--update-baselines) nothing is compared: only what makes figures no measurement fails.
+    gate). With `recording` (--update-baselines) nothing is compared: only what makes figures no measurement fails.
 
     A cell fails when its run failed, a gated figure is not finite, the device timer failed under a device
     figure, a figure regressed (worse by more than its tolerance and its noise), the decode step's kernels
     changed, the baseline was measured differently or a figure of it read another way; under the policy, also
-    when the baseline (or one of its figures) is missing, or the noise hid a figure's tolerance.
+    when the baseline (or one of its figures) is missing, an accuracy figure had no baseline to be compared with,
+    or the noise hid a figure's tolerance.
     """
     cell = result.id
-    where = {"hardware_key": hardware_key, "baseline_path": None if baseline_path is None else str(baseline_path)}
+    where = {"hardware_key": baseline.own.key, "baseline_path": str(baseline.own.path)}
     if result.error:
         return run_failed(cell, result.error)
     asked = None if metrics is None else list(metrics)
@@ -294,33 +307,63 @@ def judge(result: CellResult, baseline: CellResult | None, policy: GatePolicy, *
 
     if recording or not wanted:  # nothing to compare: only the errors above can fail the cell
         return verdict(Status.RECORDED, [])
-    if baseline is None:
-        return verdict(Status.MISSING, [Check(None, Status.MISSING, f"{cell}: no baseline in {baseline_path}; {RECORD}",
-                                              policy.strict_baselines)])
-    mismatch = provenance_mismatch(result, baseline)
-    if mismatch:
-        return verdict(Status.INCOMPARABLE, [Check(
-            None, Status.INCOMPARABLE, f"{cell}: the baseline in {baseline_path} was measured differently "
-                                       f"({'; '.join(mismatch)}); {RERECORD}", True)])
-    gated = replace(result, figures={m: result.figures[m] for m in wanted})
     processes = int((result.config.get("run") or {}).get("processes") or 1)
     rechecked = result.details.get("pooled_runs", 1) > processes  # a recheck pools one run beyond the processes
+    groups: dict[int, tuple[StoredBaseline | None, list[str]]] = {}  # the figures judged against one baseline
+    for name in wanted:
+        stored = baseline.for_metric(name)
+        groups.setdefault(id(stored), (stored, []))[1].append(name)
+    statuses, checks, differences = [], [], []
+    for stored, names in groups.values():
+        if stored is None:
+            status, found = Status.NOT_COMPARED, [
+                Check(m, Status.NOT_COMPARED, f"{m} of {cell}: not compared ({baseline.not_compared})",
+                      policy.strict_baselines, why=baseline.not_compared) for m in names]
+            differed: tuple[str, ...] = ()
+        else:
+            status, found, differed = _judge_against(replace(result, figures={m: result.figures[m] for m in names}),
+                                                     stored, baseline.own.key, policy, rechecked)
+        statuses.append(status)
+        checks += found
+        differences += [d for d in differed if d not in differences]
+    return verdict(min(statuses, key=_RANK.index), checks, differences=tuple(differences), rechecked=rechecked)
+
+
+# how a cell's status is made of the statuses of its figures' groups (one per baseline): the worst first
+_RANK = (Status.REGRESSED, Status.INCOMPARABLE, Status.MISSING, Status.NOT_COMPARED, Status.UNRESOLVED, Status.PASS)
+
+
+def _judge_against(gated: CellResult, stored: StoredBaseline, run_key: str, policy: GatePolicy,
+                   rechecked: bool) -> tuple[Status, list[Check], tuple[str, ...]]:
+    """The figures of `gated` judged against one stored baseline: the status, the checks and what differed from
+    the baseline's run where a comparison failed."""
+    cell, path, baseline, key = gated.id, stored.path, stored.cell, stored.key
+    if baseline is None:
+        return Status.MISSING, [Check(None, Status.MISSING, f"{cell}: no baseline in {path}; {RECORD}",
+                                      policy.strict_baselines)], ()
+    mismatch = provenance_mismatch(gated, baseline)
+    if mismatch:
+        return Status.INCOMPARABLE, [Check(
+            None, Status.INCOMPARABLE, f"{cell}: the baseline in {path} was measured differently "
+                                       f"({'; '.join(mismatch)}); {RERECORD}", True, baseline_key=key)], ()
     pooled = " (pooled over a recheck)" if rechecked else ""
+    elsewhere = (f"; held to the baseline of {key} in {path}: another CPU key, on the same weights and library "
+                 "versions" if key != run_key else "")
     stale = [Check(name, Status.STALE, f"{name} of {cell}: the baseline was read another way ({why}); {RERECORD}",
-                   True, why=why) for name, why in stale_figures(gated, baseline).items()]
-    figures = [_figure_check(v, policy, pooled) for v in compare(gated, baseline, policy.for_suite(
-        result.config.get("suite", "")))]
-    kernels = kernel_changes(gated, baseline) if "decode_kernels_per_step" in wanted else None
+                   True, why=why, baseline_key=key) for name, why in stale_figures(gated, baseline).items()]
+    figures = [_figure_check(v, policy, pooled, key, elsewhere) for v in compare(gated, baseline, policy.for_suite(
+        gated.config.get("suite", "")))]
+    kernels = kernel_changes(gated, baseline) if "decode_kernels_per_step" in gated.figures else None
     if kernels:
-        figures.append(Check("decode_kernels_per_step", Status.REGRESSED, kernels, True))
+        figures.append(Check("decode_kernels_per_step", Status.REGRESSED, kernels, True, baseline_key=key))
     missing = [Check(m, Status.MISSING, f"{cell}: baseline has no {m}; record it with --update-baselines",
-                     policy.strict_baselines) for m in wanted if m not in baseline.figures]
+                     policy.strict_baselines, baseline_key=key) for m in gated.figures if m not in baseline.figures]
     differences = tuple(run_differences(gated, baseline)) if any(c.fails for c in figures) else ()
     statuses = {check.status for check in figures if check.fails}
     status = (Status.REGRESSED if Status.REGRESSED in statuses else Status.INCOMPARABLE if stale
               else Status.MISSING if any(c.fails for c in missing) else Status.UNRESOLVED if statuses
               else Status.PASS)
-    return verdict(status, stale + figures + missing, differences=differences, rechecked=rechecked)
+    return status, stale + figures + missing, differences
 
 
 def recheck_reasons(result: CellResult, verdict: CellVerdict) -> list[str]:
@@ -339,9 +382,8 @@ def import_results(store: BaselineStore, paths: list[Path], pool: bool = False) 
     for path in paths:
         results = read_run(path).results
         for result in results:
-            if result.config.get("inject_decode_delay_ms") or result.config.get("inject_device_slowdown"):
-                raise ValueError(f"{path}: {result.id} was slowed on purpose (inject_decode_delay_ms or "
-                                 "inject_device_slowdown); "
+            if any(result.config.get(name) for name in INJECTED):
+                raise ValueError(f"{path}: {result.id} was made worse on purpose ({' or '.join(INJECTED)}); "
                                  "it cannot become a baseline")
         by_key: dict[str, list[CellResult]] = {}
         for result in results:
@@ -361,6 +403,7 @@ class GateReport:
     lines: list[str]
     noisy: str | None  # the checks that passed with spreads wider than their tolerance, per metric
     nothing_compared: str | None  # why no figure was held against a baseline; None when some were
+    notices: tuple[str, ...] = ()  # what a reader must see first: the run's keys that have no baselines
 
     @property
     def failures(self) -> int:
@@ -391,8 +434,7 @@ def replay(store: BaselineStore, paths: list[Path], matrix: Any, policy: GatePol
                 raise ValueError(f"{path}: {result.id} was measured in suite {suite!r}, which {matrix.path} "
                                  f"does not have (suites: {', '.join(matrix.suites)})")
             keys.add(key)
-            verdicts.append(judge(result, store.get(key, result), policy, hardware_key=key,
-                                  baseline_path=store.path(key, result.model)))
+            verdicts.append(judge(result, store.gate_baseline(key, result), policy))
     return gate_report(store, verdicts, keys)
 
 
@@ -401,13 +443,34 @@ def gate_report(store: BaselineStore, verdicts: list[CellVerdict], keys: set[str
     compared = [check for verdict in verdicts for check in verdict.checks if check.compared]
     noisy = resolution_summary((check.metric or "", check.status is Status.UNRESOLVED) for check in compared)
     nothing = None if compared else _why_nothing_compared(store, verdicts, keys)
-    return GateReport(verdicts, [line for verdict in verdicts for line in verdict.lines()], noisy, nothing)
+    return GateReport(verdicts, [line for verdict in verdicts for line in verdict.lines()], noisy, nothing,
+                      tuple(no_baselines_notices(store, keys)))
+
+
+def no_baselines_notices(store: BaselineStore, keys: Iterable[str]) -> list[str]:
+    """One line per hardware key of a run that has no baseline file at all: what its run could and could not
+    compare (the top of the pytest summary and of `quantbench gate`)."""
+    stored = ", ".join(key for key in store.hardware_keys() if store.has_baselines(key)) or "none"
+    lines = []
+    for key in sorted(keys):
+        if store.has_baselines(key):
+            continue
+        if is_cpu_key(key):
+            compared = ("its speed and memory figures had no baselines and were not compared; the accuracy figures "
+                        "of its CPU cells were compared with another CPU key's baseline where the weights and "
+                        "library versions match (each figure names its baseline's key), and are 'not compared' "
+                        "where none does")
+        else:
+            compared = "none of its figures had a baseline to be compared with"
+        lines.append(f"NOTICE: hardware key {key} has no baselines in {store.root} (keys stored: {stored}): "
+                     f"{compared}; record its own with --update-baselines")
+    return lines
 
 
 def _why_nothing_compared(store: BaselineStore, verdicts: list[CellVerdict], keys: set[str]) -> str:
     if not verdicts:
         return "nothing was compared: the results files hold no cell results"
-    if any(verdict.status is Status.MISSING for verdict in verdicts):
+    if any(verdict.status in (Status.MISSING, Status.NOT_COMPARED) for verdict in verdicts):
         stored = ", ".join(store.hardware_keys()) or "none"
         return (f"nothing was compared: no cell has a baseline under {', '.join(sorted(keys))} in {store.root} "
                 f"(keys stored: {stored}); record them (quantbench import-results, or pytest --update-baselines), "

@@ -17,6 +17,7 @@ TRACKED_PACKAGES = (
     "llama-cpp-python", "gguf", "gptqmodel", "auto-gptq", "autoawq", "lm-eval", "nvidia-ml-py",
     "pytest", "pytest-benchmark", "numpy",
 )
+CPU_KEY_PREFIX = "cpu-"  # every CPU's hardware key starts so (hardware_key)
 
 
 def slug(text: str) -> str:
@@ -183,7 +184,12 @@ def hardware_key(device: str) -> str:
         return key
     name = cpu_model()
     name = re.sub(r"\bcpu\b|@.*$|\bprocessor\b", "", name, flags=re.IGNORECASE)
-    return "cpu-" + slug(name) + f"-{os.cpu_count()}c"
+    return CPU_KEY_PREFIX + slug(name) + f"-{os.cpu_count()}c"
+
+
+def is_cpu_key(key: str) -> bool:
+    """Whether a hardware key names a CPU (`cpu-amd-epyc-2c`) rather than a GPU."""
+    return key.startswith(CPU_KEY_PREFIX)
 
 
 def machine_info(device: str) -> dict[str, Any]:

@@ -26,6 +26,9 @@ class MetricSpec:
     help: str
     floor: float = 0.0  # changes smaller than this (in the metric's unit) are below what one measurement resolves
     exact: bool = False  # a count that is deterministic: any change either way fails (tolerance unused)
+    # decided by the weights and the library versions, not by the machine: a CPU cell's figure is compared
+    # with another CPU key's baseline where those match (harness/baselines.py: BaselineStore.gate_baseline)
+    accuracy: bool = False
     minimum: float = 0.0
     maximum: float = math.inf
 
@@ -49,7 +52,8 @@ class _Metrics(dict):
         if isinstance(name, str) and name.startswith(TASK_PREFIX) and name.count(":") == 2 \
                 and all(name.split(":")[1:]):
             # a task metric may be an accuracy or a perplexity: only its sign is known
-            return MetricSpec(name, "", True, 0.02, "lm-eval task metric on the loaded model", floor=0.01)
+            return MetricSpec(name, "", True, 0.02, "lm-eval task metric on the loaded model", floor=0.01,
+                              accuracy=True)
         raise KeyError(name)
 
     def __contains__(self, name: object) -> bool:
@@ -102,14 +106,17 @@ METRICS: dict[str, MetricSpec] = _Metrics({
                    floor=64.0),
         MetricSpec("quantize_peak_anon_rss_mib", "MiB", False, 0.25,
                    "peak anonymous resident memory while quantizing on the CPU", floor=64.0),
-        MetricSpec("ppl", "", False, 0.01, "token-level perplexity on the held-out evaluation tokens", minimum=1.0),
-        MetricSpec("ppl_ratio", "", False, 0.01, "PPL(method) / PPL(reference) on the same ids"),
+        MetricSpec("ppl", "", False, 0.01, "token-level perplexity on the held-out evaluation tokens", minimum=1.0,
+                   accuracy=True),
+        MetricSpec("ppl_ratio", "", False, 0.01, "PPL(method) / PPL(reference) on the same ids", accuracy=True),
         MetricSpec("kld_mean", "nats", False, 0.10,
-                   "mean KL(reference || method) per scored token (top-k + rest bucket)", floor=1e-4),
-        MetricSpec("kld_p99", "nats", False, 0.10, "99th percentile of the per-token KL divergence", floor=1e-3),
-        MetricSpec("kld_max", "nats", False, 0.25, "largest per-token KL divergence", floor=1e-2),
+                   "mean KL(reference || method) per scored token (top-k + rest bucket)", floor=1e-4, accuracy=True),
+        MetricSpec("kld_p99", "nats", False, 0.10, "99th percentile of the per-token KL divergence", floor=1e-3,
+                   accuracy=True),
+        MetricSpec("kld_max", "nats", False, 0.25, "largest per-token KL divergence", floor=1e-2, accuracy=True),
         MetricSpec("top1_agreement", "", True, 0.01,
-                   "share of positions where method and reference pick the same top token", maximum=1.0),
+                   "share of positions where method and reference pick the same top token", maximum=1.0,
+                   accuracy=True),
     )
 })
 

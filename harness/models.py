@@ -59,11 +59,12 @@ def resolve(spec: ModelSpec, log: Callable[[str], None] = print) -> ResolvedMode
     if spec.source == "embedded":
         from harness import embedded
 
-        folder = embedded.build(log=log)
+        folder = embedded.shipped()  # the same bytes on every machine, checked by sha256
         meta = json.loads((folder / "quantbench_embedded.json").read_text())
         config = json.loads((folder / "config.json").read_text())
         return ResolvedModel(spec.name, str(folder), True, False, config["vocab_size"],
-                             {"source": "embedded", "recipe_key": meta.get("recipe_key"), "folder": str(folder)})
+                             {"source": "embedded", "recipe_key": meta.get("recipe_key"), "folder": str(folder),
+                              "weights_sha256": embedded.SHIPPED_MODEL_SHA256})
     if spec.source == "synthetic":
         folder = synthetic_folder(spec.arch or "", spec.seed, log=log)
         config = json.loads((folder / "config.json").read_text())

@@ -18,7 +18,15 @@ import pytest
 from harness import hardware
 from harness.baselines import BaselineStore, resolution_summary
 from harness.config import Cell, Matrix, MatrixError
-from harness.gate import CellVerdict, GatePolicy, Status, add_gate_options, judge_consistency, run_failed
+from harness.gate import (
+    CellVerdict,
+    GatePolicy,
+    Status,
+    add_gate_options,
+    judge_consistency,
+    no_baselines_notices,
+    run_failed,
+)
 from harness.hardware import gpu_info
 from harness.isolation import Outcome
 from harness.matrix import load_matrix
@@ -69,6 +77,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--inject-device-slowdown", type=float, default=0.0, metavar="FRACTION",
                     help="TESTING THE GATE ONLY: a spin kernel inside every captured decode step, FRACTION of "
                          "the step's measured device time long (0.03: 3 %% slower)")
+    group.addoption("--inject-weight-noise", type=float, default=0.0, metavar="FRACTION",
+                    help="TESTING THE GATE ONLY: a broken quantizer; every floating-point weight and scale of the "
+                         "measured model is multiplied by 1 + FRACTION x N(0, 1) after loading (torch-side methods)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -226,8 +237,8 @@ class QuantBench:
     def _record(self, ref: CellRef, result: CellResult, verdict: CellVerdict, metrics: list[str]) -> dict[str, Any]:
         """The summary's record of one test's verdict: the figures gated (pooled over a recheck where one ran)
         with their baselines, and what the checks found."""
-        record: dict[str, Any] = {"cell": ref.id, "suite": ref.cell.suite.name, "figures": {},
-                                  "status": verdict.status.value}
+        record: dict[str, Any] = {"cell": ref.id, "suite": ref.cell.suite.name, "hardware_key": verdict.hardware_key,
+                                  "figures": {}, "status": verdict.status.value}
         notes = self.outcome(ref.cell).notes
         if notes:
             record["notes"] = notes
@@ -240,8 +251,10 @@ class QuantBench:
         for check in verdict.checks:  # relative figures against a zero baseline are unbounded: null in JSON
             if check.compared and check.metric in record["figures"]:
                 record["figures"][check.metric].update(
-                    baseline=check.baseline, change=_finite(check.change), tolerance=check.tolerance,
-                    noise=_finite(check.noise), noise_abs=check.noise_abs)
+                    baseline=check.baseline, baseline_key=check.baseline_key, change=_finite(check.change),
+                    tolerance=check.tolerance, noise=_finite(check.noise), noise_abs=check.noise_abs)
+            elif check.status is Status.NOT_COMPARED and check.metric in record["figures"]:
+                record["figures"][check.metric]["not_compared"] = check.why
         unresolved = [check.metric for check in verdict.checks if check.status is Status.UNRESOLVED]
         if unresolved:
             record["unresolved"] = unresolved
@@ -324,6 +337,9 @@ class QuantBench:
         if not self.records:
             return
         terminalreporter.section("quantbench")
+        keys = {record["hardware_key"] for record in self.records if record.get("hardware_key")}
+        for line in no_baselines_notices(self.store, keys):
+            terminalreporter.write_line(line)
         for line in summary_table(self.records).splitlines():
             terminalreporter.write_line(line)
         missing = sorted({r["cell"] for r in self.records  # a cell with no baseline, not one lacking a figure
@@ -332,6 +348,14 @@ class QuantBench:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             terminalreporter.write_line(f"{len(missing)} cell(s) have no baseline for this hardware "
                                         f"(record with --update-baselines): {shown}")
+        not_compared = {f"{record['cell']} {name}": fig["not_compared"] for record in self.records
+                        for name, fig in record["figures"].items() if "not_compared" in fig}
+        if not_compared:
+            shown = "; ".join(f"{figure}: {why}" for figure, why in list(not_compared.items())[:4])
+            more = " ..." if len(not_compared) > 4 else ""
+            terminalreporter.write_line(
+                f"{len(not_compared)} accuracy figure(s) not compared: no baseline measured on the same weights and "
+                f"library versions (--strict-baselines fails them): {shown}{more}")
         for note in dict.fromkeys(note for record in self.records for note in record.get("notes", ())):
             terminalreporter.write_line(note)
         line = resolution_summary((name, name in record.get("unresolved", ())) for record in self.records

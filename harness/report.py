@@ -43,9 +43,10 @@ def summary_table(records: list[dict[str, Any]]) -> str:
     for record in sorted(records, key=lambda r: r["cell"]):
         for name, fig in sorted(record["figures"].items()):
             spread = f" +-{100 * fig['spread'] / fig['value']:.1f}%" if fig.get("spread") and fig["value"] else ""
+            status = "not compared" if "not_compared" in fig else figure_status(record, name)
             rows.append([record["cell"], name, _num(fig["value"]) + spread, METRICS[name].unit,
-                         _num(fig.get("baseline")), _worse_by(fig), figure_status(record, name)])
-    return _table(["cell", "metric", "value", "unit", "baseline", "worse by", "status"], rows)
+                         _num(fig.get("baseline")), fig.get("baseline_key") or "-", _worse_by(fig), status])
+    return _table(["cell", "metric", "value", "unit", "baseline", "baseline key", "worse by", "status"], rows)
 
 
 def compare_hardware(store: BaselineStore, key_a: str, key_b: str, metrics: list[str] | None = None) -> str:
@@ -261,11 +262,13 @@ def _markdown_table_html(table: str, html: Any) -> str:
 
 def step_summary(records: list[dict[str, Any]]) -> str:
     """The run's gated figures as a GitHub Actions step summary (markdown)."""
-    rows = ["| cell | metric | value | baseline | worse by | status |", "|---|---|---:|---:|---:|---|"]
+    rows = ["| cell | metric | value | baseline | baseline key | worse by | status |",
+            "|---|---|---:|---:|---|---:|---|"]
     for record in sorted(records, key=lambda r: r["cell"]):
         for name, fig in sorted(record["figures"].items()):
+            status = "not compared" if "not_compared" in fig else figure_status(record, name)
             rows.append(f"| `{record['cell']}` | {name} | {_num(fig['value'])} | {_num(fig.get('baseline'))} | "
-                        f"{_worse_by(fig)} | {figure_status(record, name)} |")
+                        f"{fig.get('baseline_key') or '-'} | {_worse_by(fig)} | {status} |")
     regressed = sum(r["status"] == "regressed" for r in records)
     return f"## quantbench\n\n{len(records)} gated results, {regressed} regressed.\n\n" + "\n".join(rows) + "\n"
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from harness.baselines import BaselineError, BaselineStore
+from harness.baselines import BaselineError, BaselineStore, GateBaseline
 from harness.config import Cell, Matrix
 from harness.gate import (
     CellVerdict,
@@ -71,6 +71,7 @@ class RunOptions:
     processes: int | None = None  # --processes (None: the matrix's run.processes)
     delay_ms: float = 0.0  # --inject-decode-delay-ms
     device_slowdown: float = 0.0  # --inject-device-slowdown
+    weight_noise: float = 0.0  # --inject-weight-noise
     cpu_split: bool = True  # not --no-cpu-split
     hardware_key: str | None = None  # --hardware-key (None: detected)
 
@@ -85,9 +86,11 @@ class RunOptions:
             raise ValueError(f"--processes: must be 1 or more, got {self.processes}")
         if not 0 <= self.device_slowdown < 1:
             raise ValueError(f"--inject-device-slowdown: a fraction in [0, 1), got {self.device_slowdown}")
-        if self.update and (self.delay_ms or self.device_slowdown):
-            raise ValueError("--inject-decode-delay-ms and --inject-device-slowdown make cells slower on "
-                             "purpose; they cannot be combined with --update-baselines")
+        if not 0 <= self.weight_noise < 1:
+            raise ValueError(f"--inject-weight-noise: a fraction in [0, 1), got {self.weight_noise}")
+        if self.update and (self.delay_ms or self.device_slowdown or self.weight_noise):
+            raise ValueError("--inject-decode-delay-ms, --inject-device-slowdown and --inject-weight-noise make "
+                             "cells worse on purpose; they cannot be combined with --update-baselines")
 
     @classmethod
     def from_options(cls, option: Any) -> RunOptions:
@@ -97,6 +100,7 @@ class RunOptions:
                    recheck=bool(option("--recheck")), processes=option("--processes"),
                    delay_ms=option("--inject-decode-delay-ms") or 0.0,
                    device_slowdown=option("--inject-device-slowdown") or 0.0,
+                   weight_noise=option("--inject-weight-noise") or 0.0,
                    cpu_split=not option("--no-cpu-split"), hardware_key=option("--hardware-key"))
 
 
@@ -113,6 +117,7 @@ def measure_job(cell: Cell, matrix: Matrix, options: RunOptions, evaluate: bool)
         "accuracy": cell.suite.accuracy.__dict__,
         "inject_decode_delay_ms": options.delay_ms,
         "inject_device_slowdown": options.device_slowdown,
+        "inject_weight_noise": options.weight_noise,
     }
     reference = matrix.methods.get(cell.suite.reference or "")
     if reference is not None:
@@ -289,11 +294,10 @@ class Runner:
             if result.error:
                 continue
             try:
-                baseline = self.store.get(key, result)
+                baseline = self.store.gate_baseline(key, result)
             except BaselineError:
                 continue
-            found += recheck_reasons(result, judge(result, baseline, self.policy, hardware_key=key,
-                                                   baseline_path=self.store.path(key, result.model)))
+            found += recheck_reasons(result, judge(result, baseline, self.policy))
         return found
 
     def recheck(self, cell: Cell) -> bool:
@@ -348,13 +352,12 @@ class Runner:
         if result is None:
             return None, run_failed(ref_id, f"worker {outcome.status}: {outcome.reason}")
         key = self.hardware_key(cell.suite.device)
-        path = self.store.path(key, cell.model.name)
         try:
-            baseline = None if self.options.update else self.store.get(key, result)
+            baseline = (GateBaseline.none(key, self.store.path(key, cell.model.name)) if self.options.update
+                        else self.store.gate_baseline(key, result))
         except BaselineError as exc:
             return result, cell_error(ref_id, str(exc))
-        return result, judge(result, baseline, self.policy, metrics=metrics, hardware_key=key, baseline_path=path,
-                             recording=self.options.update)
+        return result, judge(result, baseline, self.policy, metrics=metrics, recording=self.options.update)
 
 
 def run_cells(runner: Runner, cells: list[Cell]) -> GateReport:

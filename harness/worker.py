@@ -204,6 +204,10 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         return
 
     model, load_s, load_memory = _load(method, resolved, device)
+    noise = float(job.get("inject_weight_noise", 0))
+    if noise:  # testing the gate only: the measured model, never the reference, never a file on disk
+        changed = method.corrupt_weights(model, noise, seed)
+        log(f"TESTING THE GATE: {changed} weight tensor(s) of {resolved.name} multiplied by 1 + {noise:g} x N(0, 1)")
     method.warm_up(model)
     base = {
         "method": job["method"]["name"],
@@ -216,6 +220,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
             "accuracy": job["accuracy"],
             "inject_decode_delay_ms": job.get("inject_decode_delay_ms", 0),
             "inject_device_slowdown": job.get("inject_device_slowdown", 0),
+            "inject_weight_noise": job.get("inject_weight_noise", 0),
         },
         "environment": environment(),
         "hardware": machine_info(device),
@@ -226,6 +231,9 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
                             details={"model": resolved.provenance, "synthetic": resolved.synthetic,
                                      "load_peak_rss_mib": load_memory["peak_rss_mib"].value})
     model_cell.details["weights_bytes"] = method.weights_bytes(model)
+    # with the weights' sha256 (details.model.weights_sha256), what decides the accuracy figures: the gate
+    # compares them with another CPU key's baseline only where both match (harness/baselines.py)
+    model_cell.details["accuracy_packages"] = [*method.ACCURACY_PACKAGES, *(["lm-eval"] if job.get("eval") else [])]
     _quantization(method.prepared, model_cell)
     _accuracy(method, model, model_cell, ids, accuracy, reference, key)
     if run.consistency_tokens:

@@ -75,7 +75,7 @@ def test_import_results_refuses_a_slowed_run_and_writes_nothing(tmp_path, capsys
     results = tmp_path / "run.jsonl"
     write_results(results, [cell("fp16", "gpu-a", 100.0, delay=5)])
     assert main(["--baselines-dir", str(tmp_path / "bl"), "import-results", str(results)]) == 2
-    assert "slowed on purpose" in capsys.readouterr().err
+    assert "made worse on purpose" in capsys.readouterr().err
     assert not (tmp_path / "bl").exists() or BaselineStore(tmp_path / "bl").hardware_keys() == []
 
 
@@ -140,13 +140,13 @@ def test_the_step_summary_lists_every_gated_figure():
     text = step_summary([{"cell": "fp16|m|b1", "status": "regressed",
                           "figures": {"decode_tokens_per_s": {"value": 90.0, "baseline": 100.0, "change": 0.1}}}])
     assert "1 gated results, 1 regressed" in text
-    assert "| `fp16|m|b1` | decode_tokens_per_s | 90 | 100 | +10.0% | regressed |" in text
+    assert "| `fp16|m|b1` | decode_tokens_per_s | 90 | 100 | - | +10.0% | regressed |" in text
     noisy = step_summary([{"cell": "fp16|m|b1", "status": "ok", "unresolved": ["decode_tokens_per_s"],
                            "figures": {"decode_tokens_per_s": {"value": 90.0, "baseline": 100.0, "change": 0.1}}}])
     assert "| +10.0% | ok (noise > tolerance) |" in noisy
     grew = {"value": 12.0, "baseline": 0.0, "change": None}  # no relative change from 0 (null in the JSON)
     from_zero = step_summary([{"cell": "nf4|m|b1", "status": "regressed", "figures": {"quantize_peak_vram_mib": grew}}])
-    assert "| 12 | 0 | from 0 | regressed |" in from_zero
+    assert "| 12 | 0 | - | from 0 | regressed |" in from_zero
 
 
 def gated_cell(decode, key="gpu-a", consistent=True, error=None):

@@ -35,6 +35,10 @@ class Method(ABC):
     PARAMS: ClassVar[dict[str, Param]] = {}
     MARKER: ClassVar[str]  # pytest marker of its cells
     RUNTIME: ClassVar[EngineRuntime] = TORCH  # how the worker measures it (harness/runtimes.py)
+    # The libraries whose versions, with the model's weights, decide this method's accuracy figures (perplexity,
+    # divergence, top-1, task scores): a CPU cell's accuracy is compared with another CPU key's baseline only
+    # where these versions match (harness/baselines.py: BaselineStore.gate_baseline).
+    ACCURACY_PACKAGES: ClassVar[tuple[str, ...]] = ("torch", "transformers")
 
     def __init__(self, params: dict[str, Any], device: str) -> None:
         self.params = {name: params.get(name, p.default) for name, p in self.PARAMS.items()}
@@ -156,6 +160,29 @@ class Method(ABC):
                 seen.add(key)
                 total += tensor.numel() * tensor.element_size()
         return total
+
+    def corrupt_weights(self, model: Any, fraction: float, seed: int) -> int:
+        """TESTING THE GATE ONLY: break the loaded weights as a faulty quantizer would; return the tensors changed.
+
+        Every floating-point tensor the model holds (parameters and buffers: dense weights, GPTQ/AWQ scales,
+        norms) and the scales bitsandbytes keeps beside its packed weights is multiplied, in memory, by
+        1 + fraction x N(0, 1). Nothing on disk changes, so no cached checkpoint carries the fault.
+        """
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+        for parameter in model.parameters():
+            state = getattr(parameter, "quant_state", None)  # bitsandbytes 4-bit: per-block absmax
+            for scales in (getattr(state, "absmax", None), getattr(getattr(state, "state2", None), "absmax", None),
+                           getattr(parameter, "SCB", None)):  # SCB: bitsandbytes int8's per-row scales
+                if isinstance(scales, torch.Tensor) and scales.is_floating_point():
+                    tensors[id(scales)] = scales
+        with torch.no_grad():
+            for tensor in tensors.values():
+                noise = torch.randn(tensor.shape, generator=generator).to(tensor.device, tensor.dtype)
+                tensor.mul_(1 + fraction * noise)
+        return len(tensors)
 
     def logits_dtype(self, model: Any) -> Any:
         """The dtype the model computes its logits in (its output head's), or None for float32."""

@@ -14,6 +14,7 @@ class BitsAndBytesMethod(Method):
 
     NAME = "bnb"
     MARKER = "bnb"
+    ACCURACY_PACKAGES = (*Method.ACCURACY_PACKAGES, "bitsandbytes")
     PARAMS = {
         "quant": Param(str, "nf4", "int8 (LLM.int8), nf4 or fp4", ("int8", "nf4", "fp4")),
         "double_quant": Param(bool, False, "4-bit: quantize the quantization constants too"),

@@ -88,6 +88,9 @@ class GGUFMethod(Method):
     NAME = "gguf"
     RUNTIME = NATIVE  # llama.cpp has its own CUDA runtime and allocator: torch never touches the GPU
     MARKER = "gguf"
+    # torch and transformers read the weights the converter writes; gguf writes the file, llama.cpp quantizes
+    # and runs it
+    ACCURACY_PACKAGES = (*Method.ACCURACY_PACKAGES, "gguf", "llama-cpp-python")
     PARAMS = {
         "qtype": Param(str, "q4_K_M", "llama.cpp quantization type of the converted file",
                        ("f16", "q8_0", "q4_0", "q4_K_M", "q5_K_M")),
@@ -204,6 +207,11 @@ class GGUFMethod(Method):
         import llama_cpp
 
         return int(llama_cpp.llama_model_size(model.llama_model))
+
+    def corrupt_weights(self, model: GGUFModel, fraction: float, seed: int) -> int:
+        """llama.cpp holds the weights where torch cannot reach them: a broken quantizer cannot be faked here."""
+        raise ValueError("--inject-weight-noise: llama.cpp holds a GGUF model's weights outside torch, so they "
+                         "cannot be corrupted in memory; choose a torch-side method (--methods)")
 
     def _ensure_context(self, model: GGUFModel, n_seq: int, n_ctx_seq: int, sampled: bool = False) -> None:
         """Make the context hold `n_seq` sequences of `n_ctx_seq` tokens each, with a greedy sampler per

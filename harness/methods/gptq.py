@@ -28,6 +28,7 @@ class GPTQMethod(CompilableMethod):
 
     NAME = "gptq"
     MARKER = "gptq"
+    ACCURACY_PACKAGES = (*CompilableMethod.ACCURACY_PACKAGES, "gptqmodel")  # the quantizer and its kernels
     PARAMS = {
         "format": Param(str, "gptq", "gptq or awq", ("gptq", "awq")),
         "quantizer": Param(str, "gptqmodel", "gptqmodel: the GPTQ/AWQ algorithm with calibration data; rtn: "
