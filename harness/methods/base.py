@@ -119,7 +119,7 @@ class Method(ABC):
         kwargs = self.generate_kwargs()
         if self.inject_delay_ms:
             kwargs["logits_processor"] = _delay_processor(self.inject_delay_ms)
-        with torch.inference_mode():
+        with self.no_autograd():
             output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                     pad_token_id=pad if pad is not None else 0, streamer=streamer, **kwargs)
@@ -140,12 +140,19 @@ class Method(ABC):
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=model.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long,
                             device=model.device)
-        with torch.inference_mode():
+        with self.no_autograd():
             output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
                                     output_scores=True, return_dict_in_generate=True, **self.generate_kwargs())
         scores = torch.stack(output.scores, dim=1).float().cpu()
         return output.sequences[:, width:].tolist(), scores
+
+    def no_autograd(self) -> Any:
+        """The context generation and scoring run in: `torch.inference_mode()`, or `torch.no_grad()` for a
+        library whose tensors cannot be used in inference mode."""
+        import torch
+
+        return torch.inference_mode()
 
     def weights_bytes(self, model: Any) -> int | None:
         """Bytes of the loaded weights (parameters and buffers, packed as stored): what one decode step reads."""
@@ -167,7 +174,7 @@ class Method(ABC):
         """Float32 logits [len(ids), vocab] of one sequence, position p predicting id p + 1."""
         import torch
 
-        with torch.inference_mode():
+        with self.no_autograd():
             window = torch.tensor([ids], dtype=torch.long, device=model.device)
             return model(window, use_cache=False).logits[0].float()
 

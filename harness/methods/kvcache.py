@@ -95,7 +95,7 @@ class KVCacheMixin:
             from harness.methods.base import _delay_processor
 
             kwargs["logits_processor"] = _delay_processor(self.inject_delay_ms)  # type: ignore[attr-defined]
-        with torch.inference_mode():
+        with self.no_autograd():  # type: ignore[attr-defined]
             output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                     pad_token_id=pad if pad is not None else 0, streamer=streamer,
@@ -118,7 +118,7 @@ class KVCacheMixin:
                                q_group_size=self.params["kv_group_size"],
                                residual_length=self.params["kv_residual_length"])
         out = []
-        with torch.inference_mode():
+        with self.no_autograd():  # type: ignore[attr-defined]
             for position, token in enumerate(ids):
                 step = model(torch.tensor([[token]], dtype=torch.long, device=model.device), past_key_values=cache,
                              use_cache=True, cache_position=torch.tensor([position], device=model.device))

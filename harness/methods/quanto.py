@@ -26,6 +26,28 @@ class QuantoMethod(KVCacheMixin, Method):
     def requires(cls) -> tuple[str, ...]:
         return ("optimum.quanto",)
 
+    def no_autograd(self) -> Any:
+        """`torch.no_grad()`: under `torch.inference_mode()` quanto's int4 and int2 weights fail at their first
+        matmul ("Cannot set version_counter for inference tensor", the transpose of a QBitsTensor)."""
+        import torch
+
+        return torch.no_grad()
+
+    def device_timing_unavailable(self) -> str | None:
+        if self.params["weights"] != "int8":
+            return ("the device timer runs in torch.inference_mode(), where optimum-quanto's int4 and int2 "
+                    "weights fail ('Cannot set version_counter for inference tensor')")
+        return super().device_timing_unavailable()
+
+    def warm_up(self, model: Any) -> None:
+        """Build quanto's extension for this device (C++ on a CPU, CUDA on a GPU) before the first forward:
+        torch compiles it with ninja at first use, into the package's folder, and loads it from there later."""
+        from optimum.quanto.library.extensions import get_extension, is_extension_available
+
+        name = "quanto_cuda" if self.device == "cuda" else "quanto_cpp"
+        if is_extension_available(name):
+            get_extension(name).lib  # noqa: B018 - the property builds or loads the extension
+
     def quantization_config(self) -> Any:
         from transformers import QuantoConfig
 
