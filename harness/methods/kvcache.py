@@ -138,9 +138,7 @@ class KVCacheMixin:
 
     def describe(self, model: Any) -> dict[str, Any]:
         out = super().describe(model)  # type: ignore[misc]
-        if self.kv_cache is None:  # a full-precision cache is described as before the parameter existed
-            out["params"] = {k: v for k, v in out["params"].items() if k not in KV_PARAMS}
-        else:
+        if self.kv_cache is not None:
             out["kv_cache"] = {"cache_config": self.cache_config(),
                                "accuracy_through": "token-by-token decode through the quantized cache",
                                **getattr(self, "last_cache", {})}
