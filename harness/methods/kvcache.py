@@ -65,7 +65,7 @@ class KVCacheMixin:
 
         if self.kv_cache is not None and importlib.util.find_spec(self.kv_cache[2]) is None:
             raise MethodUnavailable(f"kv_cache {self.params['kv_cache']!r} needs {self.kv_cache[2]}, which is "
-                                    "not installed")
+                                    "not installed (install quantbench's 'quanto' extra)")
 
     def cache_config(self) -> dict[str, Any] | None:
         """transformers' `cache_config` of the quantized cache, or None."""
