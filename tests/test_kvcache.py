@@ -1,19 +1,17 @@
 """KV-cache quantization as a method parameter (harness/methods/kvcache.py), and the torchao and quanto checks that
 fail a cell whose layers were not quantized as asked, on the synthetic two-layer model."""
 
-import importlib.util
-
 import pytest
 import torch
 
 from harness.config import MatrixError, ModelSpec
 from harness.methods import method_class
+from harness.methods.base import importable
 from harness.models import prompt_ids, resolve
 
 TINY = ModelSpec(name="tiny", source="synthetic", arch="tiny-test", seed=0)
-needs_quanto = pytest.mark.skipif(importlib.util.find_spec("optimum.quanto") is None,
-                                  reason="optimum-quanto is not installed")
-needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+needs_quanto = pytest.mark.skipif(not importable("optimum.quanto"), reason="optimum-quanto is not installed")
+needs_torchao = pytest.mark.skipif(not importable("torchao"), reason="torchao is not installed")
 
 
 @pytest.fixture(scope="module")

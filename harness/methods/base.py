@@ -14,6 +14,14 @@ from harness.runtimes import TORCH, EngineRuntime
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def importable(module: str) -> bool:
+    """Whether `module` (dotted names too: its missing parent is no error) can be imported."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 class MethodUnavailable(RuntimeError):
     """This method cannot run here (library missing, no GPU, unsupported hardware): its cells skip."""
 
@@ -69,7 +77,7 @@ class Method(ABC):
     def check_available(self) -> None:
         """Raise MethodUnavailable with the reason when this method cannot run on this machine."""
         for module in self.requires():
-            if importlib.util.find_spec(module) is None:
+            if not importable(module):
                 raise MethodUnavailable(f"{module} is not installed (install quantbench's "
                                         f"'{self.MARKER}' extra)")
         if self.device == "cuda":

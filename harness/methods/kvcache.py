@@ -61,9 +61,9 @@ class KVCacheMixin:
 
     def check_available(self) -> None:
         super().check_available()  # type: ignore[misc]
-        import importlib.util
+        from harness.methods.base import importable
 
-        if self.kv_cache is not None and importlib.util.find_spec(self.kv_cache[2]) is None:
+        if self.kv_cache is not None and not importable(self.kv_cache[2]):
             raise MethodUnavailable(f"kv_cache {self.params['kv_cache']!r} needs {self.kv_cache[2]}, which is "
                                     "not installed (install quantbench's 'quanto' extra)")
 
