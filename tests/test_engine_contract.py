@@ -36,6 +36,8 @@ ENGINES: dict[str, dict[str, Any]] = {
     "bnb": {"quant": "int8", "dtype": "bfloat16"},
     "gguf": {"qtype": "q8_0", "n_threads": 1, "token_choice": "host", "perf_tolerance": 1.0},
     "gptq": {"quantizer": "rtn", "group_size": 64, "kernel": "torch", "dtype": "bfloat16"},
+    "torchao": {"quant": "int8-weight", "dtype": "float32"},
+    "quanto": {"weights": "int8", "dtype": "float32"},
     DEMO: {},
 }
 BACKEND_NAMES = [*BACKENDS, DEMO]

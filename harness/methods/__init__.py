@@ -15,6 +15,8 @@ BACKENDS: dict[str, str] = {
     "bnb": "harness.methods.bnb:BitsAndBytesMethod",
     "gguf": "harness.methods.gguf:GGUFMethod",
     "gptq": "harness.methods.gptq:GPTQMethod",
+    "torchao": "harness.methods.torchao:TorchAoMethod",
+    "quanto": "harness.methods.quanto:QuantoMethod",
 }
 
 __all__ = ["BACKENDS", "Method", "MethodUnavailable", "Param", "method_class"]

@@ -14,6 +14,14 @@ from harness.runtimes import TORCH, EngineRuntime
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def importable(module: str) -> bool:
+    """Whether `module` (dotted names too: its missing parent is no error) can be imported."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 class MethodUnavailable(RuntimeError):
     """This method cannot run here (library missing, no GPU, unsupported hardware): its cells skip."""
 
@@ -73,7 +81,7 @@ class Method(ABC):
     def check_available(self) -> None:
         """Raise MethodUnavailable with the reason when this method cannot run on this machine."""
         for module in self.requires():
-            if importlib.util.find_spec(module) is None:
+            if not importable(module):
                 raise MethodUnavailable(f"{module} is not installed (install quantbench's "
                                         f"'{self.MARKER}' extra)")
         if self.device == "cuda":
@@ -123,7 +131,7 @@ class Method(ABC):
         kwargs = self.generate_kwargs()
         if self.inject_delay_ms:
             kwargs["logits_processor"] = _delay_processor(self.inject_delay_ms)
-        with torch.inference_mode():
+        with self.no_autograd():
             output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                     pad_token_id=pad if pad is not None else 0, streamer=streamer, **kwargs)
@@ -144,12 +152,19 @@ class Method(ABC):
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=model.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long,
                             device=model.device)
-        with torch.inference_mode():
+        with self.no_autograd():
             output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
                                     output_scores=True, return_dict_in_generate=True, **self.generate_kwargs())
         scores = torch.stack(output.scores, dim=1).float().cpu()
         return output.sequences[:, width:].tolist(), scores
+
+    def no_autograd(self) -> Any:
+        """The context generation and scoring run in: `torch.inference_mode()`, or `torch.no_grad()` for a
+        library whose tensors cannot be used in inference mode."""
+        import torch
+
+        return torch.inference_mode()
 
     def weights_bytes(self, model: Any) -> int | None:
         """Bytes of the loaded weights (parameters and buffers, packed as stored): what one decode step reads."""
@@ -194,7 +209,7 @@ class Method(ABC):
         """Float32 logits [len(ids), vocab] of one sequence, position p predicting id p + 1."""
         import torch
 
-        with torch.inference_mode():
+        with self.no_autograd():
             window = torch.tensor([ids], dtype=torch.long, device=model.device)
             return model(window, use_cache=False).logits[0].float()
 

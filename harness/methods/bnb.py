@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from harness.methods.base import DTYPES, Method, Param, torch_dtype
+from harness.methods.kvcache import KV_PARAMS, KVCacheMixin
 
 INT8_CONSISTENCY_TOLERANCE = 0.75  # see BitsAndBytesMethod.consistency_tolerance
 
 
-class BitsAndBytesMethod(Method):
-    """Weights quantized on load by bitsandbytes; runs on CUDA GPUs and (0.48+) on x86 CPUs."""
+class BitsAndBytesMethod(KVCacheMixin, Method):
+    """Weights quantized on load by bitsandbytes; runs on CUDA GPUs and (0.48+) on x86 CPUs; may quantize its
+    KV cache (`kv_cache`, harness/methods/kvcache.py)."""
 
     NAME = "bnb"
     MARKER = "bnb"
@@ -21,6 +23,7 @@ class BitsAndBytesMethod(Method):
         "compute_dtype": Param(str, "float16", "4-bit: dtype of the matmuls", DTYPES),
         "dtype": Param(str, "float16", "dtype of the modules left unquantized (norms, lm_head)", DTYPES),
         "int8_threshold": Param(float, 6.0, "int8: outlier threshold; activations above it stay in 16 bit"),
+        **KV_PARAMS,
     }
 
     @classmethod

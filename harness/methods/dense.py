@@ -5,16 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from harness.methods.base import DTYPES, MODE, CompilableMethod, Param, torch_dtype
+from harness.methods.kvcache import KV_PARAMS, KVCacheMixin
 
 
-class DenseMethod(CompilableMethod):
-    """torch weights in one dtype, run eagerly or compiled (`mode`, see CompilableMethod)."""
+class DenseMethod(KVCacheMixin, CompilableMethod):
+    """torch weights in one dtype, run eagerly or compiled (`mode`, see CompilableMethod); an eager one may
+    quantize its KV cache (`kv_cache`, harness/methods/kvcache.py)."""
 
     NAME = "torch"
     MARKER = "torch"
     PARAMS = {
         "dtype": Param(str, "float16", "weight and activation dtype", DTYPES),
         "mode": MODE,
+        **KV_PARAMS,
     }
 
     def load(self, pretrained: str) -> Any:
