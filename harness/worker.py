@@ -155,8 +155,12 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
         if job["accuracy"].get("text"):
             eval_ids(resolved, _tokenizer(resolved), AccuracyConfig(**job["accuracy"]), seed)
         if job.get("prepare_method"):
-            with runtime.track_memory(device) as memory:
-                prepared = method.prepare(resolved, seed, log)
+            try:
+                with runtime.track_memory(device) as memory:
+                    prepared = method.prepare(resolved, seed, log)
+            except MethodUnavailable as exc:  # the method cannot run this model here (vLLM's CPU fp8 KV cache)
+                out.finish("skipped", str(exc))
+                return
             if prepared is not None:
                 # the memory the work used: a GPU's, or host memory for work done on the CPU (RTN packing)
                 peak = "peak_vram_mib" if prepared.get("device", device) == "cuda" else "peak_anon_rss_mib"

@@ -36,6 +36,7 @@ ENGINES: dict[str, dict[str, Any]] = {
     "bnb": {"quant": "int8", "dtype": "bfloat16"},
     "gguf": {"qtype": "q8_0", "n_threads": 1, "token_choice": "host", "perf_tolerance": 1.0},
     "gptq": {"quantizer": "rtn", "group_size": 64, "kernel": "torch", "dtype": "bfloat16"},
+    "vllm": {"dtype": "bfloat16", "kv_cache_gib": 0.25, "max_model_len": 256, "max_num_seqs": 8},
     DEMO: {},
 }
 BACKEND_NAMES = [*BACKENDS, DEMO]

@@ -15,6 +15,7 @@ BACKENDS: dict[str, str] = {
     "bnb": "harness.methods.bnb:BitsAndBytesMethod",
     "gguf": "harness.methods.gguf:GGUFMethod",
     "gptq": "harness.methods.gptq:GPTQMethod",
+    "vllm": "harness.methods.vllm:VLLMMethod",
 }
 
 __all__ = ["BACKENDS", "Method", "MethodUnavailable", "Param", "method_class"]
