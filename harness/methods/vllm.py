@@ -236,7 +236,10 @@ class VLLMMethod(Method):
         params = self._sampling(new_tokens, output_kind=RequestOutputKind.DELTA)
         hand_over = streamer.put if streamer is not None else lambda ids: None  # no streamer while warming up
         started = time.perf_counter()
-        prompts = model.llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=row) for row in rows])
+        prompts = [TokensPrompt(prompt_token_ids=row) for row in rows]
+        renderer = getattr(model.llm, "renderer", None)
+        if renderer is not None:  # vLLM >= 0.32 renders prompts before the engine (raw prompts are deprecated)
+            prompts = renderer.render_cmpl(prompts)
         ids = [f"g{time.monotonic_ns()}-{i}" for i in range(len(rows))]
         for request, prompt in zip(ids, prompts, strict=True):
             engine.add_request(request, prompt, params)
