@@ -80,7 +80,8 @@ class VLLMMethod(Method):
         "kv_cache_dtype": Param(str, "auto", "dtype of the KV cache (auto: the model's dtype)", KV_CACHE_DTYPES),
         "kv_cache_gib": Param(float, 1.0, "memory vLLM reserves for the KV cache, GiB (kv_cache_memory_bytes): "
                               "a fixed size, so memory figures compare across methods"),
-        "max_model_len": Param(int, 1024, "longest sequence the engine accepts"),
+        "max_model_len": Param(int, 0, "longest sequence the engine accepts (0: the model's own, "
+                               "max_position_embeddings)"),
         "max_num_seqs": Param(int, 32, "most sequences the engine runs at once"),
         "enforce_eager": Param(bool, True, "no CUDA graphs / torch.compile of the model (the CPU has neither)"),
         "kernel": Param(str, "auto", "the linear kernel every quantized layer must run (vLLM's class name, e.g. "
@@ -142,7 +143,7 @@ class VLLMMethod(Method):
         if (self.device == "cpu" and self.params["kv_cache_dtype"].startswith("fp8")
                 and head % CPU_FP8_KV_HEAD_MULTIPLE):
             raise MethodUnavailable(f"vLLM's CPU attention stores an fp8 KV cache only for head sizes divisible "
-                                    f"by {CPU_FP8_KV_HEAD_MULTIPLE}; {folder.name} has {head}")
+                                    f"by {CPU_FP8_KV_HEAD_MULTIPLE}; this model's head size is {head}")
 
     def checkpoint(self, pretrained: str) -> Path:
         """The folder vLLM loads: the user's checkpoint, the prepared one, or the model itself."""
@@ -164,7 +165,7 @@ class VLLMMethod(Method):
 
         folder = self.checkpoint(pretrained)
         llm = LLM(model=str(folder), skip_tokenizer_init=True, dtype=self.params["dtype"], seed=0,
-                  max_model_len=self.params["max_model_len"], max_num_seqs=self.params["max_num_seqs"],
+                  max_model_len=self.params["max_model_len"] or None, max_num_seqs=self.params["max_num_seqs"],
                   enforce_eager=self.params["enforce_eager"], kv_cache_dtype=self.params["kv_cache_dtype"],
                   kv_cache_memory_bytes=int(self.params["kv_cache_gib"] * GIB), enable_prefix_caching=False,
                   max_logprobs=-1, disable_log_stats=True)
