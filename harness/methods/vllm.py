@@ -84,6 +84,8 @@ class VLLMMethod(Method):
                                "max_position_embeddings)"),
         "max_num_seqs": Param(int, 32, "most sequences the engine runs at once"),
         "enforce_eager": Param(bool, True, "no CUDA graphs / torch.compile of the model (the CPU has neither)"),
+        "threads": Param(int, 0, "CPU: threads vLLM's kernels run on, bound to the first CPUs this process may "
+                         "use (VLLM_CPU_OMP_THREADS_BIND); 0: vLLM's own binding"),
         "kernel": Param(str, "auto", "the linear kernel every quantized layer must run (vLLM's class name, e.g. "
                         "CPUWNA16LinearKernel, MarlinLinearKernel); auto records what vLLM chose"),
         "perf_tolerance": Param(float, 0.1, "verify(): largest relative difference between vLLM's own decode "
@@ -161,6 +163,9 @@ class VLLMMethod(Method):
         self._check_model(Path(pretrained))
         for name, value in ENVIRONMENT.items():
             os.environ.setdefault(name, value)
+        if self.device == "cpu" and self.params["threads"]:
+            cpus = sorted(os.sched_getaffinity(0))[:self.params["threads"]]
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))
         from vllm import LLM
 
         folder = self.checkpoint(pretrained)
@@ -179,6 +184,7 @@ class VLLMMethod(Method):
             "enforce_eager": config.model_config.enforce_eager,
             "quantization": config.model_config.quantization,
             "multiprocessing": os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0",
+            "cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") if self.device == "cpu" else None,
         }
         return VLLMModel(llm=llm, folder=folder, vocab=config.model_config.get_vocab_size(),
                          dtype=str(config.model_config.dtype).removeprefix("torch."), layers=layers,
