@@ -22,6 +22,7 @@ from harness.cache import atomic_directory, cache_root, file_lock, file_sha256, 
 from harness.quant import TOKENIZER_FILES, source_digest
 
 PYTHON_VAR = "QUANTBENCH_LLMCOMPRESSOR_PYTHON"
+PATH_VAR = "QUANTBENCH_LLMCOMPRESSOR_PYTHONPATH"  # the PYTHONPATH of that interpreter (none by default)
 SCRIPT = Path(__file__).with_name("llmcompressor_oneshot.py")
 SCHEMES = ("w4a16", "w8a16", "w8a8")
 SIDECAR = "quantbench.json"
@@ -109,8 +110,11 @@ def _build(source: Path, out: Path, scheme: str, group_size: int, log: Any) -> d
     """Run llmcompressor's oneshot in its own environment; its record, with the wall time of the whole build."""
     python = llmcompressor_python()
     started = time.perf_counter()
-    # the environment's own packages only: quantbench's PYTHONPATH would put vLLM's compressed-tensors first
+    # the environment's own packages only: quantbench's PYTHONPATH would put vLLM's compressed-tensors first;
+    # an interpreter whose llmcompressor lies in a folder of its own (wheels unpacked with --target) names it
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if os.environ.get(PATH_VAR):
+        env["PYTHONPATH"] = os.environ[PATH_VAR]
     done = subprocess.run([python, str(SCRIPT), str(source), str(out), scheme, str(group_size)], env=env,
                           capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     build_s = time.perf_counter() - started
