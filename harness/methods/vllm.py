@@ -361,12 +361,14 @@ def _dense(logprobs: Any, first: int, stop: int, vocab: int) -> Any:
 def _inspect(model: Any) -> tuple[dict[str, Any], int, int]:
     """Inside vLLM's worker: the linear kernel of every layer, the weights' bytes and torch's thread count."""
     import torch
+    from vllm.model_executor.layers.linear import LinearBase
 
     kernels: dict[str, int] = {}
     unquantized: list[str] = []
     for name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
-        if method is None or "Embedding" in type(method).__name__:  # the output head is left unquantized
+        # linear layers only: attention has a KV-cache method, the output head an embedding method
+        if method is None or not isinstance(module, LinearBase):
             continue
         scheme = getattr(module, "scheme", None)
         kernel = getattr(scheme, "kernel", None)
