@@ -173,7 +173,7 @@ class VLLMMethod(Method):
                   max_model_len=self.params["max_model_len"] or None, max_num_seqs=self.params["max_num_seqs"],
                   enforce_eager=self.params["enforce_eager"], kv_cache_dtype=self.params["kv_cache_dtype"],
                   kv_cache_memory_bytes=int(self.params["kv_cache_gib"] * GIB), enable_prefix_caching=False,
-                  max_logprobs=-1, disable_log_stats=True)
+                  max_logprobs=-1, disable_log_stats=False)  # with stats off, outputs carry no metrics
         layers, weights, threads = llm.apply_model(_inspect)[0]
         config = llm.llm_engine.vllm_config
         engine = {
