@@ -3,9 +3,10 @@
 A method names its runtime (`Method.RUNTIME`); the worker asks the runtime how to read the block's memory,
 how to wait for the device, which exceptions mean out of memory and whether torch may be loaded, and never
 branches on the engine. Two runtimes exist: `TORCH`, for the methods torch drives on the device (transformers'
-modelling code, torch's allocator and streams), and `NATIVE`, for an engine with a CUDA runtime and an
+modelling code, torch's allocator and streams), `NATIVE`, for an engine with a CUDA runtime and an
 allocator of its own (llama.cpp), which is measured in a process without torch (harness/worker.py's docstring
-says why). A new engine either names one of them or declares its own `EngineRuntime`.
+says why), and `VLLM`, for vLLM (below). A new engine either names one of them or declares its own
+`EngineRuntime`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class EngineRuntime:
     torch_in_measured_process: bool  # False: the measured process refuses torch (its prepare process may use it)
     runs_transformers_models: bool  # the engine runs transformers' modelling code (imported before load is timed)
     nvml_processes: NvmlProcesses = NvmlProcesses.WORKER  # whose NVML usage is the device-memory figure
+    host_processes: NvmlProcesses = NvmlProcesses.WORKER  # whose resident set sizes the host-memory figures sum
     out_of_memory: Callable[[], tuple[type[BaseException], ...]] = field(default=_no_errors, repr=False)
 
     def __post_init__(self) -> None:
@@ -50,7 +52,7 @@ class EngineRuntime:
         """The memory tracker of a block run on `device` by this runtime (harness/measure/memory.py)."""
         from harness.measure.memory import track_memory
 
-        return track_memory(device, self.torch_allocator, self.nvml_processes)
+        return track_memory(device, self.torch_allocator, self.nvml_processes, self.host_processes)
 
     def sync_device(self, device: str) -> str:
         """The device whose queue timing waits on through torch (harness/measure/throughput.py): none for an
@@ -95,3 +97,10 @@ TORCH = EngineRuntime(name="torch", torch_allocator=True, torch_synchronizes=Tru
 NATIVE = EngineRuntime(name="native", torch_allocator=False, torch_synchronizes=False,
                        torch_in_measured_process=False, runs_transformers_models=False,
                        nvml_processes=NvmlProcesses.TREE)
+
+# vLLM imports torch and runs it, but reserves its device memory itself (weights, then a KV cache of a set size)
+# and may run its engine core in a process of its own: memory is NVML's and the host's over the worker's process
+# tree, never torch's allocator of the worker; its calls return once the ids are on the host.
+VLLM = EngineRuntime(name="vllm", torch_allocator=False, torch_synchronizes=False, torch_in_measured_process=True,
+                     runs_transformers_models=False, nvml_processes=NvmlProcesses.TREE,
+                     host_processes=NvmlProcesses.TREE, out_of_memory=_torch_out_of_memory)

@@ -38,6 +38,7 @@ ENGINES: dict[str, dict[str, Any]] = {
     "gptq": {"quantizer": "rtn", "group_size": 64, "kernel": "torch", "dtype": "bfloat16"},
     "torchao": {"quant": "int8-weight", "dtype": "float32"},
     "quanto": {"weights": "int8", "dtype": "float32"},
+    "vllm": {"dtype": "bfloat16", "kv_cache_gib": 0.25, "max_model_len": 256, "max_num_seqs": 8},
     DEMO: {},
 }
 BACKEND_NAMES = [*BACKENDS, DEMO]

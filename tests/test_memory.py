@@ -47,3 +47,24 @@ def test_the_allocators_cache_is_emptied_before_nvml_starts(monkeypatch):
     assert calls.index("empty_cache") < calls.index("reset_peak_memory_stats") < calls.index("nvml")
     assert out["peak_vram_mib"].value == 3 and out["peak_nvml_mib"].value == 5 and out["nvml_scope"] == "process"
     assert out["protocol"] == memory.MEMORY_PROTOCOL_TORCH == 2
+
+
+def test_host_peaks_over_the_process_tree_count_a_childs_memory():
+    """An engine that runs processes of its own (vLLM's engine core) has their memory in its host figures."""
+    import subprocess
+    import sys
+
+    code = "import sys, time; block = bytearray(96 * 2**20); block[::4096] = b'x' * len(block[::4096]); " \
+           "print('ready', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with memory.track_memory("cpu") as alone:
+            pass
+        with memory.track_memory("cpu", host_processes=memory.NvmlProcesses.TREE) as tree:
+            pass
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert tree["peak_rss_mib"].value >= alone["peak_rss_mib"].value + 90
+    assert tree["peak_anon_rss_mib"].value >= alone["peak_anon_rss_mib"].value + 90

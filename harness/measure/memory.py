@@ -42,31 +42,45 @@ class _Sampler(threading.Thread):
         return max(self.peak, self.read())
 
 
-def _anon_rss_reader() -> Any | None:
-    """A function reading RssAnon from /proc/self/status (Linux), in bytes."""
-    status = "/proc/self/status"
-    if not os.path.exists(status):
+def _anon_rss_reader(processes: NvmlProcesses) -> Any | None:
+    """A function reading RssAnon from /proc/PID/status (Linux) of `processes`, summed, in bytes."""
+    if not os.path.exists("/proc/self/status"):
         return None
+    pids = _pids(processes)
 
-    def read() -> int:
-        with open(status, encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
+    def anon(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+                for line in handle:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:  # a child that exited since it was listed
+            pass
         return 0
 
-    return read
+    return lambda: sum(anon(pid) for pid in pids())
 
 
-def _rss_reader() -> Any:
+def _rss_reader(processes: NvmlProcesses) -> Any:
+    """A function reading the resident set size of `processes`, summed, in bytes."""
     import psutil
 
     process = psutil.Process(os.getpid())
-    return lambda: process.memory_info().rss
+    if processes is NvmlProcesses.WORKER:
+        return lambda: process.memory_info().rss
+    pids = _pids(processes)
+
+    def rss(pid: int) -> int:
+        try:
+            return psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            return 0
+
+    return lambda: sum(rss(pid) for pid in pids())
 
 
 class NvmlProcesses(Enum):
-    """Whose device memory NVML's per-process reading sums."""
+    """Whose memory a reading sums: NVML's per-process device memory, or the host's resident set sizes."""
 
     WORKER = "the worker process"
     TREE = "the worker process and its descendants"  # an engine that runs processes of its own (vLLM's engine core)
@@ -116,18 +130,19 @@ def nvml_reader(processes: NvmlProcesses = NvmlProcesses.WORKER) -> tuple[Any, s
 
 
 @contextmanager
-def track_memory(device: str, torch_allocator: bool = True,
-                 processes: NvmlProcesses = NvmlProcesses.WORKER) -> Iterator[dict[str, Any]]:
+def track_memory(device: str, torch_allocator: bool = True, processes: NvmlProcesses = NvmlProcesses.WORKER,
+                 host_processes: NvmlProcesses = NvmlProcesses.WORKER) -> Iterator[dict[str, Any]]:
     """Yield a dict that receives peak memory Figures (MiB) for the block, and the NVML scope used.
 
     `torch_allocator` False: the block's device memory is not torch's (llama.cpp), so torch is left alone
     (asking it would create a CUDA context of its own, which NVML would then count) and NVML alone reports.
-    `processes`: whose usage NVML's reading sums (an engine's runtime says: harness/runtimes.py).
+    `processes`: whose usage NVML's reading sums, `host_processes`: whose RSS the host figures sum (an engine's
+    runtime says: harness/runtimes.py).
     """
     use_torch = device == "cuda" and torch_allocator
     out: dict[str, Any] = {"protocol": MEMORY_PROTOCOL_TORCH if use_torch else MEMORY_PROTOCOL_DEFAULT}
-    samplers = {"peak_rss_mib": _Sampler(_rss_reader())}
-    anon = _anon_rss_reader()
+    samplers = {"peak_rss_mib": _Sampler(_rss_reader(host_processes))}
+    anon = _anon_rss_reader(host_processes)
     if anon is not None:
         samplers["peak_anon_rss_mib"] = _Sampler(anon)
     if use_torch:

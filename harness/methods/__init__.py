@@ -17,6 +17,7 @@ BACKENDS: dict[str, str] = {
     "gptq": "harness.methods.gptq:GPTQMethod",
     "torchao": "harness.methods.torchao:TorchAoMethod",
     "quanto": "harness.methods.quanto:QuantoMethod",
+    "vllm": "harness.methods.vllm:VLLMMethod",
 }
 
 __all__ = ["BACKENDS", "Method", "MethodUnavailable", "Param", "method_class"]
