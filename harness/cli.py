@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.baselines import BaselineStore
+from harness.config import parse_cell_id
 from harness.gate import GateReport, add_gate_options
 
 NOTHING_COMPARED = 3  # `quantbench gate`'s exit status when no figure could be held against a baseline
@@ -167,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         from harness.baselines import BaselineError
         from harness.history import HistoryError, describe, figure_history
 
-        parts = args.cell.split("|")
-        if len(parts) not in (2, 3) or not all(parts):
-            print(f"error: cell {args.cell!r}: expected METHOD|MODEL or METHOD|MODEL|bN", file=sys.stderr)
+        try:
+            _, model, _ = parse_cell_id(args.cell)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
         try:
-            recordings = figure_history(store.path(args.key, parts[1]), args.cell, args.metric)
+            recordings = figure_history(store.path(args.key, model), args.cell, args.metric)
         except (BaselineError, HistoryError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

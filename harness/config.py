@@ -118,6 +118,21 @@ class Suite:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def cell_id(method: str, model: str, batch_size: int | None = None) -> str:
+    """The one id scheme of a cell: `method|model|bN` for a batch size, `method|model` for per-model figures (a
+    suite's (method, model) unit of work is `suite:method|model`, Cell.key)."""
+    return f"{method}|{model}" if batch_size is None else f"{method}|{model}|b{batch_size}"
+
+
+def parse_cell_id(text: str) -> tuple[str, str, int | None]:
+    """(method, model, batch size or None) of a `cell_id`; ValueError naming the text when it is not one."""
+    parts = text.split("|")
+    size = parts[2] if len(parts) == 3 else "b0"
+    if len(parts) not in (2, 3) or not all(parts) or not (size[:1] == "b" and size[1:].isdigit()):
+        raise ValueError(f"cell {text!r}: expected METHOD|MODEL or METHOD|MODEL|bN")
+    return parts[0], parts[1], int(parts[2][1:]) if len(parts) == 3 else None
+
+
 @dataclass(frozen=True)
 class Cell:
     """One (suite, method, model) unit of work and the batch sizes it measures in one load."""
@@ -129,7 +144,7 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{self.suite.name}:{self.method.name}|{self.model.name}"
+        return f"{self.suite.name}:{cell_id(self.method.name, self.model.name)}"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.results import CellResult, pool_results
+from harness.results import CellResult, WorkerStatus, pool_results
 
 LOG_TAIL_CHARS = 4000
 STACK_DUMP_WAIT_S = 2  # a hung worker's time to write its stacks before it is killed
@@ -28,7 +28,7 @@ STACK_DUMP_WAIT_S = 2  # a hung worker's time to write its stacks before it is k
 class Outcome:
     """What came back from one worker: results per cell, or why there are none."""
 
-    status: str  # ok | skipped | error | crashed | timeout
+    status: str  # a WorkerStatus
     reason: str | None = None
     results: list[CellResult] = field(default_factory=list)
     log_tail: str = ""
@@ -96,18 +96,19 @@ def run_isolated(job: dict[str, Any], timeout_s: float, env: dict[str, str] | No
                 timed_out = True
         wall = time.perf_counter() - start
         log_text = log_path.read_text(errors="replace")
-        data = json.loads(out_path.read_text()) if out_path.is_file() else {"status": "crashed", "results": []}
+        data = json.loads(out_path.read_text()) if out_path.is_file() else {"status": WorkerStatus.CRASHED,
+                                                                              "results": []}
 
-    outcome = Outcome(status=data.get("status", "crashed"), reason=data.get("reason"),
+    outcome = Outcome(status=data.get("status", WorkerStatus.CRASHED), reason=data.get("reason"),
                       results=[CellResult.from_dict(r) for r in data.get("results", [])],
                       log_tail=log_text[-LOG_TAIL_CHARS:], wall_s=wall, prepared=data.get("prepared"))
     if timed_out:
-        outcome.status = "timeout"
+        outcome.status = WorkerStatus.TIMEOUT
         outcome.reason = f"worker still running after {timeout_s:g} s (cell_timeout_s) and was killed"
-    elif outcome.status == "running" or (returncode != 0 and outcome.status == "ok"):
-        outcome.status = "crashed"
+    elif outcome.status == WorkerStatus.RUNNING or (returncode != 0 and outcome.status == WorkerStatus.OK):
+        outcome.status = WorkerStatus.CRASHED
         cause = "out of memory" if _looks_like_oom(log_text) else "crashed"
         outcome.reason = f"worker {cause} ({_describe_exit(returncode)})"
-    elif outcome.status == "error" and _looks_like_oom(log_text):
+    elif outcome.status == WorkerStatus.ERROR and _looks_like_oom(log_text):
         outcome.reason = f"out of memory: {outcome.reason}"
     return outcome

@@ -32,7 +32,7 @@ from harness.isolation import Outcome
 from harness.matrix import load_matrix
 from harness.methods import BACKENDS, method_class
 from harness.metrics import TASK_PREFIX
-from harness.results import RESULTS_SCHEMA_VERSION, CellResult, cell_id, json_safe
+from harness.results import RESULTS_SCHEMA_VERSION, CellResult, WorkerStatus, cell_id, json_safe
 from harness.runner import Runner, RunOptions, new_run_id
 from harness.tolerances import Tolerances
 
@@ -268,7 +268,7 @@ class QuantBench:
     def check_consistency(self, ref: CellRef) -> None:
         """Fail the test when a left-padded batch's greedy tokens differ from the lone prompts'."""
         outcome = self.outcome(ref.cell)
-        if outcome.status == "skipped":
+        if outcome.status == WorkerStatus.SKIPPED:
             pytest.skip(f"{ref.id}: {outcome.reason}")
         result = outcome.result(None)
         verdict = judge_consistency(result) if result is not None else run_failed(
@@ -394,14 +394,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         pytest.fail(str(exc), pytrace=False)
     seen: dict[str, int] = {}
     for cell in cells:
-        seen[f"{cell.method.name}|{cell.model.name}"] = seen.get(f"{cell.method.name}|{cell.model.name}", 0) + 1
+        seen[cell_id(cell.method.name, cell.model.name)] = seen.get(cell_id(cell.method.name, cell.model.name), 0) + 1
     params = []
     for cell in cells:
         marks = [getattr(pytest.mark, cell.suite.name), getattr(pytest.mark, method_class(cell.method.backend).MARKER),
                  pytest.mark.xdist_group(cell.key)]
         if cell.model.slow:
             marks.append(pytest.mark.slow)
-        prefix = f"{cell.suite.name}:" if seen[f"{cell.method.name}|{cell.model.name}"] > 1 else ""
+        prefix = f"{cell.suite.name}:" if seen[cell_id(cell.method.name, cell.model.name)] > 1 else ""
         sizes = cell.batch_sizes if wants_batch else (None,)
         for batch_size in sizes:
             ref = CellRef(cell, batch_size)

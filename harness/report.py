@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.baselines import BaselineStore
+from harness.config import cell_id
 from harness.measure.bandwidth import read_bandwidth
 from harness.metrics import METRICS
 from harness.roofline import decode_figure, efficiency
@@ -63,7 +64,7 @@ def compare_hardware(store: BaselineStore, key_a: str, key_b: str, metrics: list
         cells_a, cells_b = store.load(key_a, model), store.load(key_b, model)
         for cell in sorted(set(cells_a) & set(cells_b)):
             a, b = cells_a[cell], cells_b[cell]
-            model_key = f"{a.method}|{a.model}"
+            model_key = cell_id(a.method, a.model)
             for name in sorted(set(a.figures) & set(b.figures)):
                 if metrics and name not in metrics:
                     continue

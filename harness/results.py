@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from harness.config import cell_id
 from harness.figure import Figure
 
 # The version of a run's results file (one JSON record per line), written into every record. A record without
 # the field was written before it existed and reads as version 1; any other version is refused.
 RESULTS_SCHEMA_VERSION = 1
+
+__all__ = ["cell_id"]  # re-exported: the id scheme lives with the matrix spec (harness/config.py)
+
+
+class WorkerStatus(enum.StrEnum):
+    """How a worker process ended: the `status` of its output file and of every results record."""
+
+    RUNNING = "running"  # written when the worker starts: a worker that died without finishing leaves it
+    OK = "ok"
+    SKIPPED = "skipped"  # the method cannot run here (the reason says why)
+    ERROR = "error"  # the worker caught an exception and said so
+    CRASHED = "crashed"  # the process died (a signal, an exit code, out of memory)
+    TIMEOUT = "timeout"  # still running after cell_timeout_s, and killed
+
+
+class Role(enum.StrEnum):
+    """What one record of a results file is: `quantbench gate` pools the records as the run did."""
+
+    PREPARE = "prepare"
+    PROCESS = "process"
+    RECHECK = "recheck"
 
 
 def json_safe(value: Any) -> Any:
@@ -24,11 +47,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(item) for item in value]
     return value
-
-
-def cell_id(method: str, model: str, batch_size: int | None = None) -> str:
-    """The readable id of a cell: `method|model|bN`, or `method|model` for per-model figures."""
-    return f"{method}|{model}" if batch_size is None else f"{method}|{model}|b{batch_size}"
 
 
 @dataclass
@@ -142,6 +160,56 @@ def pool_results(first: list[CellResult], again: list[CellResult]) -> list[CellR
     return pooled
 
 
+@dataclass(frozen=True)
+class ProcessRecord:
+    """One measuring process of a cell, as the live run saw it or as its results file holds it."""
+
+    role: Role
+    status: str
+    reason: str | None
+    results: list[CellResult]
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """What a cell's processes come to: its results and, when one failed, why.
+
+    `results_carry_failure`: each result carries `failure` as its error (a later process failed, so the first
+    one's figures cannot pass for pooled ones and none becomes a baseline); otherwise the failure is the first
+    process's own and its results stay as it measured them.
+    """
+
+    results: list[CellResult]
+    failure: str | None = None
+    results_carry_failure: bool = False
+
+
+def pool_processes(records: list[ProcessRecord], processes: int) -> Pooled:
+    """The one pooling policy of a cell's processes, used by the live run (harness/runner.py) and when a results
+    file is read back (`read_run`): `run.processes` measuring processes, then at most one recheck.
+
+    The processes' samples pool. A failed first process keeps what it measured and is the cell's failure; a
+    later process that failed fails the cell, each result carrying why; a recheck pools when it succeeded and is
+    left out when it failed.
+    """
+    first, *later = records
+    if first.status != WorkerStatus.OK:
+        failure = None if first.status == WorkerStatus.SKIPPED else f"worker {first.status}: {first.reason}"
+        return Pooled(first.results, failure)
+    pooled, number = first.results, 1
+    for record in later:
+        ok = record.status == WorkerStatus.OK
+        if record.role == Role.PROCESS:
+            number += 1
+            if not ok:
+                why = f"process {number} of {processes}: worker {record.status}: {record.reason}"
+                return Pooled([replace(r, error=r.error or why) for r in pooled], why, results_carry_failure=True)
+        elif not ok:
+            continue  # a failed recheck leaves the first figures to be gated
+        pooled = pool_results(pooled, record.results)
+    return Pooled(pooled)
+
+
 @dataclass
 class RunRead:
     """A run's results file read as the run gated it: pooled results, the failures no result carries (cell, why),
@@ -174,24 +242,13 @@ def read_run(path: Path) -> RunRead:
                      if record.get("suite") and record.get("hardware_key")})
         processes = next((int(r.config.get("run", {}).get("processes") or 1)
                           for record in records for r in record["results"]), 1)
-        first = records[0]
-        pooled: list[CellResult] = first["results"]
-        if first.get("status") not in ("ok", "skipped"):
-            failures.append((cell, f"worker {first.get('status')}: {first.get('reason')}"))
-        number = 1
-        for record in records[1:] if first.get("status") == "ok" else []:
-            role = record.get("role") or ("process" if number < processes else "recheck")
-            ok = record.get("status") == "ok"
-            if role == "process":
-                number += 1
-                if not ok:
-                    why = f"process {number} of {processes}: worker {record.get('status')}: {record.get('reason')}"
-                    pooled = [replace(r, error=r.error or why) for r in pooled]
-                    if not pooled:
-                        failures.append((cell, why))
-                    break
-            elif not ok:
-                continue  # a failed recheck leaves the first figures to be gated, as in the run
-            pooled = pool_results(pooled, record["results"])
-        results.extend(pooled)
+        seen = []
+        for number, record in enumerate(records, 1):
+            # files written before records had a role are read by position
+            role = record.get("role") or (Role.PROCESS if number <= processes else Role.RECHECK)
+            seen.append(ProcessRecord(Role(role), str(record.get("status")), record.get("reason"), record["results"]))
+        pooled = pool_processes(seen, processes)
+        if pooled.failure and not (pooled.results_carry_failure and pooled.results):
+            failures.append((cell, pooled.failure))
+        results.extend(pooled.results)
     return RunRead(results, failures, keys)

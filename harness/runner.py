@@ -33,7 +33,16 @@ from harness.gate import (
 from harness.hardware import cpu_share_env, gpu_info, hardware_key, worker_cpu_share, worker_gpu_env
 from harness.isolation import Outcome, run_isolated
 from harness.methods import BACKENDS, Method, method_class
-from harness.results import RESULTS_SCHEMA_VERSION, CellResult, cell_id, json_safe
+from harness.results import (
+    RESULTS_SCHEMA_VERSION,
+    CellResult,
+    ProcessRecord,
+    Role,
+    WorkerStatus,
+    cell_id,
+    json_safe,
+    pool_processes,
+)
 
 
 class JobKind(enum.Enum):
@@ -43,14 +52,6 @@ class JobKind(enum.Enum):
     PREPARE_METHOD = "prepare-method"  # quantize, convert or resolve what the measured process loads
     REFERENCE = "reference"  # the suite's reference method scores the evaluation ids (once per model)
     MEASURE = "measure"  # the timed, memory-tracked and scored run of every batch size
-
-
-class Role(enum.Enum):
-    """What one record of a results file is: `quantbench gate` pools the records as the run did."""
-
-    PREPARE = "prepare"
-    PROCESS = "process"
-    RECHECK = "recheck"
 
 
 def new_run_id() -> str:
@@ -195,7 +196,7 @@ class Runner:
             try:
                 self.outcomes[cell.key] = self._produce(cell)
             except Exception as exc:  # a harness fault, not the worker's: recorded once, like a worker error
-                outcome = Outcome("error", f"the harness failed while producing the outcome of {cell.key}: "
+                outcome = Outcome(WorkerStatus.ERROR, f"the harness failed while producing the outcome of {cell.key}: "
                                            f"{type(exc).__name__}: {exc}")
                 if cell.key not in self.written:
                     try:
@@ -219,20 +220,20 @@ class Runner:
         """Prepare, measure (and with `update` store) one cell; see `outcome`."""
         gpu = gpu_info() if cell.suite.device == "cuda" else None
         if cell.suite.device == "cuda" and gpu is None:
-            return Outcome("skipped", "no CUDA GPU on this machine (NVML sees none)")
+            return Outcome(WorkerStatus.SKIPPED, "no CUDA GPU on this machine (NVML sees none)")
         env = self._env(gpu)
         measuring = measure_job(cell, self.matrix, self.options, cell.key in self.eval_cells)
         reference = self.matrix.methods.get(cell.suite.reference or "")
         timeout = cell.suite.run.cell_timeout_s
-        outcome = Outcome("ok")
+        outcome = Outcome(WorkerStatus.OK)
         if cell.model.name not in self.prepared:
             outcome = run_isolated(job(JobKind.PREPARE_MODEL, measuring), timeout, env)
-        if outcome.status == "ok":
+        if outcome.status == WorkerStatus.OK:
             self.prepared.add(cell.model.name)
             if needs_method_preparation(cell.method.backend):
                 outcome = run_isolated(job(JobKind.PREPARE_METHOD, measuring), timeout, env)
                 measuring["prepared"] = outcome.prepared
-        if outcome.status == "ok":
+        if outcome.status == WorkerStatus.OK:
             if reference is not None:
                 self._ensure_reference(cell, measuring, reference, env)
             outcome = self._measure(cell, measuring, env)
@@ -259,15 +260,18 @@ class Runner:
         processes = measuring["run"]["processes"]
         outcome = run_isolated(measuring, cell.suite.run.cell_timeout_s, env)
         self.write_results(cell, outcome, Role.PROCESS)
-        for number in range(2, processes + 1):
-            if outcome.status != "ok":
+        records = [ProcessRecord(Role.PROCESS, outcome.status, outcome.reason, outcome.results)]
+        for _ in range(2, processes + 1):
+            if records[-1].status != WorkerStatus.OK:
                 break
             again = run_isolated(measuring, cell.suite.run.cell_timeout_s, env)
             self.write_results(cell, again, Role.PROCESS)
-            if again.status != "ok":
-                return replace(again, reason=f"process {number} of {processes}: {again.reason}", results=[])
-            outcome.pool(again)
-        return outcome
+            records.append(ProcessRecord(Role.PROCESS, again.status, again.reason, again.results))
+            outcome.wall_s += again.wall_s
+        pooled = pool_processes(records, processes)
+        if pooled.results_carry_failure:
+            return replace(outcome, status=records[-1].status, reason=pooled.failure, results=pooled.results)
+        return replace(outcome, results=pooled.results)
 
     def _ensure_reference(self, cell: Cell, measuring: dict[str, Any], reference: Any, env: dict[str, str]) -> None:
         """Have the reference method score the model's evaluation ids once (a worker caches its logits)."""
@@ -276,7 +280,7 @@ class Runner:
             return
         outcome = run_isolated(job(JobKind.REFERENCE, measuring, reference), cell.suite.run.cell_timeout_s, env)
         # a failed reference leaves the cells without divergence figures; their details say why
-        self.references[key] = f"{outcome.status}: {outcome.reason}" if outcome.status != "ok" else "ok"
+        self.references[key] = f"{outcome.status}: {outcome.reason}" if outcome.status != WorkerStatus.OK else "ok"
 
     def repeated_regressions(self, cell: Cell) -> list[str]:
         """The regressions of figures with repeats (speeds) in any batch size of a cell, against its baselines.
@@ -286,7 +290,7 @@ class Runner:
         does offline. A baseline that cannot be read is left to the verdicts to report.
         """
         outcome = self.outcomes.get(cell.key)
-        if outcome is None or outcome.status != "ok":
+        if outcome is None or outcome.status != WorkerStatus.OK:
             return []
         key = self.hardware_key(cell.suite.device)
         found: list[str] = []
@@ -317,7 +321,7 @@ class Runner:
         measuring, env = self.jobs[cell.key]
         again = run_isolated(measuring, cell.suite.run.cell_timeout_s, env)
         self.write_results(cell, again, Role.RECHECK)
-        if again.status != "ok":
+        if again.status != WorkerStatus.OK:
             return False
         self.outcomes[cell.key].pool(again)
         self.recheck_reasons[cell.key] = reasons
@@ -330,7 +334,7 @@ class Runner:
         path.parent.mkdir(parents=True, exist_ok=True)
         # the suite and the key it was gated under let `quantbench gate` look where this run looked
         record = {"schema_version": RESULTS_SCHEMA_VERSION, "cell": cell.key, "suite": cell.suite.name,
-                  "hardware_key": self.hardware_key(cell.suite.device), "role": role.value,
+                  "hardware_key": self.hardware_key(cell.suite.device), "role": str(role),
                   "status": outcome.status, "reason": outcome.reason, "wall_s": outcome.wall_s,
                   "results": [r.to_dict() for r in outcome.results]}
         with open(path, "a", encoding="utf-8") as handle:
@@ -343,7 +347,7 @@ class Runner:
         """One batch size's result (pooled over a recheck where one ran) and the gate's verdict on `metrics`."""
         ref_id = cell_id(cell.method.name, cell.model.name, batch_size)
         outcome = self.outcome(cell)
-        if outcome.status == "skipped":
+        if outcome.status == WorkerStatus.SKIPPED:
             return None, skipped(ref_id, f"{ref_id}: {outcome.reason}")
         if outcome.store_error:
             return None, cell_error(ref_id, f"{ref_id}: {outcome.store_error}")

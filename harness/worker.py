@@ -42,7 +42,7 @@ from harness.measure.telemetry import gpu_telemetry
 from harness.measure.throughput import measure_generation, timed
 from harness.methods import MethodUnavailable, method_class
 from harness.models import ResolvedModel, eval_ids, ids_digest, prompt_ids, resolve, tokenizer_check
-from harness.results import CellResult
+from harness.results import CellResult, WorkerStatus
 
 
 def log(message: str) -> None:
@@ -54,7 +54,7 @@ class _Output:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.data: dict[str, Any] = {"status": "running", "results": []}
+        self.data: dict[str, Any] = {"status": WorkerStatus.RUNNING, "results": []}
         self.flush()
 
     def flush(self) -> None:
@@ -66,7 +66,7 @@ class _Output:
         self.data["results"].append(result.to_dict())
         self.flush()
 
-    def finish(self, status: str, reason: str | None = None) -> None:
+    def finish(self, status: WorkerStatus, reason: str | None = None) -> None:
         self.data["status"] = status
         self.data["reason"] = reason
         self.flush()
@@ -138,7 +138,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
     try:
         method.check_available()
     except MethodUnavailable as exc:
-        out.finish("skipped", str(exc))
+        out.finish(WorkerStatus.SKIPPED, str(exc))
         return
 
     if not torch_free:
@@ -179,7 +179,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
                 prepared = prepared or {}
                 prepared["inputs"] = _inputs(resolved, _tokenizer(resolved), job, seed)
             out.data["prepared"] = prepared
-        out.finish("ok")
+        out.finish(WorkerStatus.OK)
         return
     method.prepared = job.get("prepared")
     if method.prepared is None:
@@ -200,7 +200,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
             perplexity(lambda window: method.logits(model, window), ids, accuracy, [collector])
             collector.reference(key).save(folder)
         log(f"reference logits of {reference['method']['name']} in {folder}")
-        out.finish("ok")
+        out.finish(WorkerStatus.OK)
         return
 
     model, load_s, load_memory = _load(method, resolved, device)
@@ -251,7 +251,7 @@ def run_job(job: dict[str, Any], out: _Output) -> None:
                                                           "model": resolved.provenance}, **base)
         _throughput(method, model, cell, rows, run, device, float(job.get("inject_device_slowdown", 0)))
         out.add(cell)
-    out.finish("ok")
+    out.finish(WorkerStatus.OK)
 
 
 def _load(method: Any, resolved: Any, device: str) -> tuple[Any, float, dict[str, Any]]:
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_cpu_share()  # before torch or an engine starts its thread pools
         run_job(job, out)
     except Exception as exc:
-        out.finish("error", f"{type(exc).__name__}: {exc}")
+        out.finish(WorkerStatus.ERROR, f"{type(exc).__name__}: {exc}")
         traceback.print_exc()
         return 1
     return 0

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import MatrixError
+from harness.config import MatrixError, cell_id, parse_cell_id
 from harness.matrix import load_matrix, parse_matrix
 
 SHIPPED = Path(__file__).parent.parent / "benchmarks" / "matrix.toml"
@@ -113,3 +113,15 @@ def test_the_evaluation_text_is_a_string_setting(tmp_path):
     matrix = load_matrix(write(tmp_path, '[accuracy]\ntext = "datasets:wikitext:wikitext-2-raw-v1:test"\n' + MINIMAL))
     assert matrix.suites["cpu"].accuracy.text == "datasets:wikitext:wikitext-2-raw-v1:test"
     assert load_matrix(write(tmp_path, MINIMAL)).suites["cpu"].accuracy.text is None  # the held-out corpus text
+
+
+@pytest.mark.parametrize("method, model, batch_size", [("fp16", "tinyllama-1.1b-arch", 8), ("gguf-q4_0", "m", None)])
+def test_a_cell_id_reads_back(method, model, batch_size):
+    assert parse_cell_id(cell_id(method, model, batch_size)) == (method, model, batch_size)
+
+
+@pytest.mark.parametrize("text", ["fp16", "fp16|", "fp16|m|8", "fp16|m|bx", "fp16|m|b1|x", "|m|b1"])
+def test_a_text_that_is_no_cell_id_is_named(text):
+    with pytest.raises(ValueError, match=r"expected METHOD\|MODEL or METHOD\|MODEL\|bN") as error:
+        parse_cell_id(text)
+    assert repr(text) in str(error.value)

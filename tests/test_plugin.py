@@ -183,8 +183,10 @@ def test_a_later_process_that_fails_fails_the_cell_without_the_earlier_figures(t
     runs = iter([measured([10.0, 11.0]), measured([12.0, 13.0]), Outcome("crashed", "killed by signal SIGSEGV")])
     monkeypatch.setattr(runner, "run_isolated", lambda job, timeout_s, env: next(runs))
     outcome = session.runner._measure(cell, {"run": {"processes": 3}}, {})
-    assert (outcome.status, outcome.reason, outcome.results) == (
-        "crashed", "process 3 of 3: killed by signal SIGSEGV", [])
+    # the first processes' results stay, each carrying why the cell failed (the policy a results file is read with)
+    why = "process 3 of 3: worker crashed: killed by signal SIGSEGV"
+    assert (outcome.status, outcome.reason) == ("crashed", why)
+    assert [r.error for r in outcome.results] == [why]
     [results] = (tmp_path / "results").glob("*.jsonl")
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["role"], r["status"]) for r in records] == [("process", "ok"), ("process", "ok"), ("process", "crashed")]
