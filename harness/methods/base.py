@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import statistics
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -159,6 +160,18 @@ class Method(ABC):
         scores = torch.stack(output.scores, dim=1).float().cpu()
         return output.sequences[:, width:].tolist(), scores
 
+    def load_transformers(self, pretrained: str, quantization_config: Any = None) -> Any:
+        """The model at `pretrained` through transformers, in the method's `dtype`, on its device, quantized on load
+        by `quantization_config` where one is given; safetensors only unless the model ships pickled weights."""
+        from transformers import AutoModelForCausalLM
+
+        extra = {} if quantization_config is None else {"quantization_config": quantization_config}
+        model = AutoModelForCausalLM.from_pretrained(
+            pretrained, dtype=torch_dtype(self.params["dtype"]), device_map=self.device,
+            use_safetensors=None if self.pickle_weights else True,  # a pickle can run code when loaded
+            **extra)
+        return model.eval()
+
     def no_autograd(self) -> Any:
         """The context generation and scoring run in: `torch.inference_mode()`, or `torch.no_grad()` for a
         library whose tensors cannot be used in inference mode."""
@@ -303,3 +316,21 @@ def torch_dtype(name: str) -> Any:
     import torch
 
     return getattr(torch, name)
+
+
+def check_engine_timer(calls: list[dict[str, float]], engine_key: str, tolerance: float, engine: str,
+                       counter: str) -> None:
+    """Fail when an engine's own decode time (`calls[i][engine_key]`, read from `counter`) and the suite's, over the
+    generate() calls since the last check, differ by more than `tolerance` (median relative difference): the
+    suite's decode figure would not measure the engine."""
+    if not calls:
+        return
+    difference = statistics.median(c["relative_difference"] for c in calls)
+    if difference > tolerance:
+        host = statistics.median(c["host_decode_ms"] - c["injected_delay_ms"] for c in calls)
+        own = statistics.median(c[engine_key] for c in calls)
+        raise RuntimeError(
+            f"{engine}'s own decode time ({own:.2f} ms, {counter}) and the suite's ({host:.2f} ms) differ: median "
+            f"relative difference {100 * difference:.1f}% over {len(calls)} generate() calls at batch size "
+            f"{calls[-1]['batch_size']}, more than {100 * tolerance:.0f}% (perf_tolerance): the suite's decode "
+            f"figure would not measure {engine}")

@@ -43,16 +43,7 @@ class BitsAndBytesMethod(KVCacheMixin, Method):
         )
 
     def load(self, pretrained: str) -> Any:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained,
-            quantization_config=self.quantization_config(),
-            dtype=torch_dtype(self.params["dtype"]),
-            device_map=self.device,
-            use_safetensors=None if self.pickle_weights else True,  # a pickle can run code when loaded
-        )
-        return model.eval()
+        return self.load_transformers(pretrained, self.quantization_config())
 
     def consistency_tolerance(self) -> float:
         """LLM.int8 is batch-variant by design: a hidden-state column with any entry over `int8_threshold` in

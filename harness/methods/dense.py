@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.methods.base import DTYPES, MODE, CompilableMethod, Param, torch_dtype
+from harness.methods.base import DTYPES, MODE, CompilableMethod, Param
 from harness.methods.kvcache import KV_PARAMS, KVCacheMixin
 
 
@@ -21,12 +21,7 @@ class DenseMethod(KVCacheMixin, CompilableMethod):
     }
 
     def load(self, pretrained: str) -> Any:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype(self.params["dtype"]),
-                                                     device_map=self.device,
-                                                     use_safetensors=None if self.pickle_weights else True)
-        return model.eval()
+        return self.load_transformers(pretrained)
 
     def describe(self, model: Any) -> dict[str, Any]:
         return {**super().describe(model),

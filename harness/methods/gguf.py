@@ -30,7 +30,7 @@ from typing import Any
 from harness.cache import file_sha256
 from harness.config import MatrixError
 from harness.gguf import GGUFError, _quiet_llama_cpp, check_gguf, gguf_file, read_sidecar
-from harness.methods.base import Method, MethodUnavailable, Param
+from harness.methods.base import Method, MethodUnavailable, Param, check_engine_timer
 from harness.runtimes import NATIVE
 
 CONTEXT_ROUND = 256  # per-sequence context sizes are rounded up to this, so small changes reuse the context
@@ -452,19 +452,10 @@ class GGUFMethod(Method):
     # ---- checks and records -------------------------------------------------------------------------
 
     def verify(self, model: GGUFModel, generated: bool) -> None:
-        if not generated or not model.perf_unverified:
+        if not generated:
             return
         calls, model.perf_unverified = model.perf_unverified, []
-        difference = statistics.median(c["relative_difference"] for c in calls)
-        tolerance = self.params["perf_tolerance"]
-        if difference > tolerance:
-            host = statistics.median(c["host_decode_ms"] - c["injected_delay_ms"] for c in calls)
-            engine = statistics.median(c["llama_decode_ms"] for c in calls)
-            raise RuntimeError(
-                f"llama.cpp's own decode time ({engine:.2f} ms, llama_perf_context) and the suite's "
-                f"({host:.2f} ms) differ: median relative difference {100 * difference:.1f}% over {len(calls)} "
-                f"generate() calls at batch size {calls[-1]['batch_size']}, more than {100 * tolerance:.0f}% "
-                "(perf_tolerance): the ""suite's decode figure would not measure llama.cpp")
+        check_engine_timer(calls, "llama_decode_ms", self.params["perf_tolerance"], "llama.cpp", "llama_perf_context")
 
     def describe(self, model: GGUFModel) -> dict[str, Any]:
         import llama_cpp

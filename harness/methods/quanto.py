@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.methods.base import DTYPES, Method, Param, torch_dtype
+from harness.methods.base import DTYPES, Method, Param
 from harness.methods.kvcache import KV_PARAMS, KVCacheMixin, _tensor_bytes
 
 
@@ -54,16 +54,7 @@ class QuantoMethod(KVCacheMixin, Method):
         return QuantoConfig(weights=self.params["weights"])
 
     def load(self, pretrained: str) -> Any:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained,
-            quantization_config=self.quantization_config(),
-            dtype=torch_dtype(self.params["dtype"]),
-            device_map=self.device,
-            use_safetensors=None if self.pickle_weights else True,  # a pickle can run code when loaded
-        )
-        return model.eval()
+        return self.load_transformers(pretrained, self.quantization_config())
 
     def verify(self, model: Any, generated: bool) -> None:
         """Every linear layer of the decoder is a quanto QLinear frozen to quantized weights of the asked type."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.config import MatrixError
-from harness.methods.base import DTYPES, MODE, CompilableMethod, MethodUnavailable, Param, torch_dtype
+from harness.methods.base import DTYPES, MODE, CompilableMethod, MethodUnavailable, Param
 from harness.methods.kvcache import KV_PARAMS, KVCacheMixin
 
 # quant -> (what it is, minimum CUDA compute capability, runs on a CPU)
@@ -99,16 +99,9 @@ class TorchAoMethod(KVCacheMixin, CompilableMethod):
         return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
     def load(self, pretrained: str) -> Any:
-        from transformers import AutoModelForCausalLM, TorchAoConfig
+        from transformers import TorchAoConfig
 
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained,
-            quantization_config=TorchAoConfig(quant_type=self.ao_config()),
-            dtype=torch_dtype(self.params["dtype"]),
-            device_map=self.device,
-            use_safetensors=None if self.pickle_weights else True,  # a pickle can run code when loaded
-        )
-        return model.eval()
+        return self.load_transformers(pretrained, TorchAoConfig(quant_type=self.ao_config()))
 
     def verify(self, model: Any, generated: bool) -> None:
         """Every linear layer of the decoder holds a torchao tensor: torchao leaves a weight whose width the

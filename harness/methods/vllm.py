@@ -30,7 +30,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from harness.methods.base import DTYPES, Method, MethodUnavailable, Param
+from harness.methods.base import DTYPES, Method, MethodUnavailable, Param, check_engine_timer
 from harness.runtimes import VLLM
 
 # vLLM 0.32's CPU attention stores an fp8 KV cache only for these head sizes (cpu_attn.py: _get_attn_isa)
@@ -200,18 +200,8 @@ class VLLMMethod(Method):
         if not generated:
             self._verify_layers(model)
             return
-        if not model.perf_unverified:
-            return
         calls, model.perf_unverified = model.perf_unverified, []
-        difference = statistics.median(c["relative_difference"] for c in calls)
-        if difference > self.params["perf_tolerance"]:
-            host = statistics.median(c["host_decode_ms"] - c["injected_delay_ms"] for c in calls)
-            engine = statistics.median(c["vllm_decode_ms"] for c in calls)
-            raise RuntimeError(
-                f"vLLM's own decode time ({engine:.2f} ms, RequestOutput.metrics) and the suite's ({host:.2f} ms) "
-                f"differ: median relative difference {100 * difference:.1f}% over {len(calls)} calls at batch size "
-                f"{calls[-1]['batch_size']}, more than {100 * self.params['perf_tolerance']:.0f}% (perf_tolerance): "
-                "the suite's decode figure would not measure vLLM")
+        check_engine_timer(calls, "vllm_decode_ms", self.params["perf_tolerance"], "vLLM", "RequestOutput.metrics")
 
     def _verify_layers(self, model: VLLMModel) -> None:
         """A quantized checkpoint runs a quantized kernel in every linear layer, the one `kernel` names if set."""
