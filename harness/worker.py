@@ -387,6 +387,13 @@ def _device_timing(method: Any, model: Any, cell: CellResult, rows: list[list[in
                    decode_s: tuple[float, ...], inject_fraction: float) -> None:
     """Device figures of one batch size (harness/measure/device.py), after and outside the memory-tracked and
     telemetry-watched repeats; why not, in the cell's details, where the method or device has none."""
+    engine = method.engine_timing(model, len(rows), run.repeats) if device == "cuda" else None
+    if engine is not None:  # an engine's own timer around its own decode loop (llama.cpp)
+        cell.figures.update(engine.figures(decode_s, run.new_tokens - 1))
+        cell.details["device_timing"] = engine.details()
+        log(f"b{len(rows)}: device decode {cell.figures['decode_device_tokens_per_s'].value:.1f} tok/s "
+            f"(+-{100 * cell.figures['decode_device_tokens_per_s'].relative_spread:.2f}%, {engine.how.value})")
+        return
     why = method.device_timing_unavailable() if device == "cuda" else \
         "on a CPU the device is the host: the cell's speeds are its generate() figures"
     if why:

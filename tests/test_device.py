@@ -190,6 +190,9 @@ def test_the_worker_records_device_figures_on_a_gpu_and_says_why_not_elsewhere(m
         def capture_blocker(self):
             return None
 
+        def engine_timing(self, model, batch_size, repeats):
+            return None
+
     timing = DeviceTiming(How.CUDA_GRAPH, 1, 8, 3, (0.003, 0.003), (0.001,), 40, ("k",))
     monkeypatch.setattr(device, "measure_device", lambda *a, **k: (timing, [[1, 2, 3, 4]]))
     run = RunConfig(new_tokens=4)
@@ -200,6 +203,22 @@ def test_the_worker_records_device_figures_on_a_gpu_and_says_why_not_elsewhere(m
     assert on_gpu.details["device_timing"]["how"] == "cuda_graph"
     on_cpu = CellResult("m", "x", 1)
     worker._device_timing(Method(), None, on_cpu, [[0] * 8], run, "cpu", (0.012,), 0.0)
+    assert "device is the host" in on_cpu.details["device_timing"]["unavailable"] and not on_cpu.figures
+
+    class Engine(Method):  # an engine with its own timer (llama.cpp): its figures, never the suite's timer
+        def engine_timing(self, model, batch_size, repeats):
+            return DeviceTiming(How.ENGINE_TIMER, batch_size, 8, 3, (0.006,) * repeats, (0.002,) * repeats)
+
+    monkeypatch.setattr(device, "measure_device", lambda *a, **k: pytest.fail("the engine's own timer applies"))
+    engine = CellResult("m", "x", 1)
+    worker._device_timing(Engine(), None, engine, [[0] * 8], RunConfig(new_tokens=4, repeats=2), "cuda", (0.012,), 0.0)
+    assert engine.figures["decode_device_tokens_per_s"].value == 500.0
+    assert engine.figures["prefill_device_tokens_per_s"].value == 4000.0
+    assert engine.figures["host_overhead_ms_per_token"].value == pytest.approx(2.0)
+    assert engine.details["device_timing"]["how"] == "engine_timer"
+    assert engine.details["device_timing"]["prefill_replays_per_sample"] == 1
+    on_cpu = CellResult("m", "x", 1)
+    worker._device_timing(Engine(), None, on_cpu, [[0] * 8], run, "cpu", (0.012,), 0.0)
     assert "device is the host" in on_cpu.details["device_timing"]["unavailable"] and not on_cpu.figures
 
     def broken(*args, **kwargs):

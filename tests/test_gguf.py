@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,37 @@ def test_perf_counters_are_recorded_and_checked(embedded_folder):
     with pytest.raises(RuntimeError, match=r"llama.cpp's own decode time \(.* ms, llama_perf_context\) and "
                                            r"the suite's \(.* ms\) differ: median relative difference"):
         method.verify(model, generated=True)
+
+
+def test_engine_timing_reads_llama_cpps_own_timer_over_the_timed_calls(embedded_folder):
+    method, model = load(embedded_folder, qtype="q4_0")
+    assert method.engine_timing(model, 2, 3) is None  # nothing generated yet: no engine figure
+    for rows in (1, 2, 2, 2):
+        method.generate(model, [random_ids(model.n_vocab, n=24)] * rows, 8, None)
+    method.generate(model, [random_ids(model.n_vocab, n=24)] * 2, 1, None)  # a 1-token call has no decode
+    timing = method.engine_timing(model, 2, 3)
+    calls = [c for c in model.perf_history if c["batch_size"] == 2 and c["new_tokens"] > 1]
+    assert timing.how.value == "engine_timer" and timing.steps == 7 and timing.prompt_tokens == 24
+    assert timing.burst_s == tuple(c["llama_decode_ms"] / 1000 for c in calls)
+    figures = timing.figures(decode_s=(0.5,), decode_steps=7)
+    assert figures["decode_device_tokens_per_s"].value == pytest.approx(
+        statistics.median(2 * 7 / (c["llama_decode_ms"] / 1000) for c in calls))
+    assert figures["prefill_device_tokens_per_s"].value > 0 and "host_overhead_ms_per_token" in figures
+    assert method.engine_timing(model, 2, 4) is None  # three timed calls of two rows, not four
+    assert timing.details()["flash_attn"] == "auto" and "llama_perf_context" in timing.details()["timer"]
+
+
+@pytest.mark.parametrize("flash_attn", ["on", "off"])
+def test_flash_attention_setting_gives_the_same_tokens(embedded_folder, flash_attn):
+    method, model = load(embedded_folder, qtype="q8_0", flash_attn=flash_attn)
+    ids = [random_ids(model.n_vocab, n=24)]
+    auto, auto_model = load(embedded_folder, qtype="q8_0")
+    method.generate(model, ids, 8, None)
+    auto.generate(auto_model, ids, 8, None)
+    assert model.last_tokens.tolist() == auto_model.last_tokens.tolist()
+    assert method.describe(model)["flash_attn"] == flash_attn and auto.describe(auto_model)["flash_attn"] == "auto"
+    with pytest.raises(MatrixError, match="flash_attn"):
+        GGUFMethod.validate({"flash_attn": True}, "methods.gguf-x")
 
 
 def test_cache_is_reused_and_a_truncated_file_rebuilt(tiny_folder):

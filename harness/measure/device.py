@@ -49,6 +49,7 @@ class How(str, Enum):
     CUDA_GRAPH = "cuda_graph"  # CUDA events around replays of the captured step
     PROFILER = "profiler"  # the sum of the kernels' own durations (CUPTI), for a step that cannot be captured
     HOST_CLOCK = "host_clock"  # the host's clock around an uncaptured loop (the suite's tests on a CPU)
+    ENGINE_TIMER = "engine_timer"  # an engine's own C++ timer around its decode calls (llama.cpp's llama_perf)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class DeviceTiming:
         """What the cell's details record of how the figures were made."""
         return {"protocol": PROTOCOL, "prefill_protocol": PREFILL_PROTOCOL, "how": self.how.value,
                 "steps_per_burst": self.steps, "bursts": len(self.burst_s), "prefill_samples": len(self.prefill_s),
-                "prefill_replays_per_sample": 1 if self.how is How.PROFILER else PREFILL_REPLAYS,
+                "prefill_replays_per_sample": 1 if self.how in (How.PROFILER, How.ENGINE_TIMER) else PREFILL_REPLAYS,
                 "step_ms": self.step_s * 1000, "kernels_per_step": self.kernels_per_step,
                 "kernel_names": list(self.kernel_names), "injected_us_per_step": self.injected_s_per_step * 1e6,
                 **self.notes}

@@ -235,6 +235,12 @@ class Method(ABC):
         static cache, captured as a CUDA graph) does not apply to this method, or None when it does."""
         return None
 
+    def engine_timing(self, model: Any, batch_size: int, repeats: int) -> Any:
+        """For an engine that runs its own decode loop: its own timer's DeviceTiming (harness/measure/device.py,
+        how = engine_timer) over the last `repeats` timed generate() calls of `batch_size` rows, or None when it
+        has none; the suite's device timer then applies (or device_timing_unavailable says why not)."""
+        return None
+
     def capture_blocker(self) -> str | None:
         """Why this method's decode step cannot be captured as a CUDA graph (a host sync inside it), or None;
         such a step's device time is read from its kernels' own durations instead."""

@@ -29,6 +29,7 @@ from typing import Any
 
 from harness.cache import file_sha256
 from harness.config import MatrixError
+from harness.measure.device import DeviceTiming, How
 from harness.gguf import GGUFError, _quiet_llama_cpp, check_gguf, gguf_file, read_sidecar
 from harness.methods.base import Method, MethodUnavailable, Param, check_engine_timer
 from harness.runtimes import NATIVE
@@ -69,6 +70,7 @@ class GGUFModel:
     last_perf: dict[str, float] | None = None  # llama.cpp's counters and the host's timing of the last generate()
     perf_unverified: list[dict[str, float]] = field(default_factory=list)  # since the last verify()
     perf_differences: list[float] = field(default_factory=list)  # relative differences of every generate()
+    perf_history: list[dict[str, float]] = field(default_factory=list)  # every generate()'s counters, in order
     tokenizer_parity: dict[str, Any] | None = None
     last_tokens: Any = None  # [rows, new_tokens] ids chosen by the last generate()
 
@@ -98,7 +100,9 @@ class GGUFMethod(Method):
         "model_file": Param(bool, False, "benchmark the model's own GGUF file as it is (a model of source gguf, "
                             "e.g. the file a package ships), instead of re-quantizing its dequantized weights"),
         "n_gpu_layers": Param(int, -1, "layers offloaded to the GPU (-1: all); forced to 0 on the CPU"),
-        "flash_attn": Param(bool, False, "llama.cpp's flash attention"),
+        "flash_attn": Param(str, "auto", "llama.cpp's flash attention: 'auto' (llama.cpp's default and "
+                            "llama-bench's: on where the device's kernels support the cache's types), 'on', 'off'",
+                            ("auto", "on", "off")),
         "n_batch": Param(int, 512, "most tokens per llama_decode call (longer prompts are split)"),
         "n_ubatch": Param(int, 512, "most tokens per physical batch inside llama.cpp"),
         "n_threads": Param(int, 0, "CPU threads for decode and prefill (0: llama.cpp's default, 4)"),
@@ -133,8 +137,23 @@ class GGUFMethod(Method):
                                         "CMAKE_ARGS=\"-DGGML_CUDA=on\")")
 
     def device_timing_unavailable(self) -> str | None:
-        return ("llama.cpp runs its own decode loop: its own C++ timer (details.method.perf_check) is not yet "
-                "a device figure")
+        return ("llama.cpp runs its own decode loop: its device figures come from its own C++ timer "
+                "(engine_timing), which had no timed generate() of this batch size to read")
+
+    def engine_timing(self, model: GGUFModel, batch_size: int, repeats: int) -> DeviceTiming | None:
+        """llama.cpp's own C++ timer (`llama_perf_context`) over the last `repeats` timed generate() calls of
+        `batch_size` rows: the time inside llama_decode (graph build, kernels, the wait for them), not the
+        suite's Python loop around it, which is what llama-bench times."""
+        calls = [c for c in model.perf_history if c["batch_size"] == batch_size and c["new_tokens"] > 1][-repeats:]
+        if len(calls) < repeats:
+            return None
+        return DeviceTiming(how=How.ENGINE_TIMER, batch_size=batch_size, prompt_tokens=int(calls[0]["prompt_tokens"]),
+                            steps=int(calls[0]["new_tokens"]) - 1,
+                            burst_s=tuple(c["llama_decode_ms"] / 1000 for c in calls),
+                            prefill_s=tuple(c["prefill_ms"] / 1000 for c in calls),
+                            notes={"timer": "llama_perf_context (t_eval_ms + t_p_eval_ms after the first token; "
+                                            "t_p_eval_ms + t_eval_ms up to it)",
+                                   "flash_attn": self.params["flash_attn"]})
 
     def consistency_tolerance(self) -> float:
         return CUDA_CONSISTENCY_TOLERANCE if self.device == "cuda" else super().consistency_tolerance()
@@ -232,8 +251,9 @@ class GGUFMethod(Method):
         params.n_ubatch = self.params["n_ubatch"]
         if self.params["n_threads"]:
             params.n_threads = params.n_threads_batch = self.params["n_threads"]
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.params["flash_attn"]
-                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.flash_attn_type = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+                                  "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                  "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[self.params["flash_attn"]]
         params.n_outputs_max_per_seq = 0  # every position of a window has logits (perplexity)
         params.kv_unified = False  # one KV stream per row: rows share no prefix
         params.no_perf = False  # llama.cpp only keeps its timings when asked
@@ -408,7 +428,7 @@ class GGUFMethod(Method):
         ids = chosen.T.copy()
         if scores is None:
             self._record_perf(model, after_prefill, end, host_decode_ms, delay_s * (new_tokens - 1) * 1000,
-                              n_rows, new_tokens)
+                              n_rows, new_tokens, int(lengths.max()))
             model.last_tokens = ids
         return ids
 
@@ -423,20 +443,21 @@ class GGUFMethod(Method):
         model.batch.n_tokens = k
 
     def _record_perf(self, model: GGUFModel, after_prefill: Any, end: Any, host_decode_ms: float,
-                     slept_ms: float, n_rows: int, new_tokens: int) -> None:
+                     slept_ms: float, n_rows: int, new_tokens: int, prompt_tokens: int) -> None:
         # llama.cpp files a 1-token decode under t_eval and a multi-token one (a batch > 1) under t_p_eval, so
         # its decode time is the growth of both counters after the first token
         llama_decode_ms = (end.t_eval_ms + end.t_p_eval_ms) - (after_prefill.t_eval_ms + after_prefill.t_p_eval_ms)
         compared_ms = host_decode_ms - slept_ms  # the gate-testing delay is the host's on purpose
         difference = abs(compared_ms - llama_decode_ms) / max(llama_decode_ms, 1e-9) if new_tokens > 1 else 0.0
         model.last_perf = {
-            "batch_size": n_rows, "new_tokens": new_tokens,
+            "batch_size": n_rows, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
             "t_p_eval_ms": end.t_p_eval_ms, "n_p_eval": end.n_p_eval, "t_eval_ms": end.t_eval_ms,
             "n_eval": end.n_eval, "prefill_ms": after_prefill.t_p_eval_ms + after_prefill.t_eval_ms,
             "llama_decode_ms": llama_decode_ms, "host_decode_ms": host_decode_ms, "injected_delay_ms": slept_ms,
             "relative_difference": difference,
         }
         model.perf_unverified.append(model.last_perf)
+        model.perf_history.append(model.last_perf)
         model.perf_differences.append(difference)
 
     def logits(self, model: GGUFModel, ids: list[int]) -> Any:
