@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("key", help="hardware key, e.g. cpu-amd-epyc-2c")
     real.add_argument("model", help="model name, e.g. smollm2-135m")
     real.add_argument("--out", type=Path, default=None, help="write the page here (default: print it)")
+    real.add_argument("--readme", type=Path, default=None, help="also rewrite the short accuracy table between "
+                      "the real-model markers of this README")
     imp = sub.add_parser("import-results", help="merge the figures of a run's results file (*.jsonl) into the "
                          "baselines of the hardware that produced them")
     imp.add_argument("results", nargs="+", type=Path)
@@ -126,10 +128,21 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError as exc:
             print(f"error: {exc.args[0]}", file=sys.stderr)
             return 2
+        if args.readme:
+            from harness.report import real_model_summary, with_readme_summary
+
+            try:
+                text = with_readme_summary(args.readme.read_text(encoding="utf-8"),
+                                           real_model_summary(store, args.key, args.model))
+            except (KeyError, OSError) as exc:
+                print(f"error: {args.readme}: {exc.args[-1] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+                return 2
+            args.readme.write_text(text, encoding="utf-8")
+            print(args.readme)
         if args.out:
             args.out.write_text(page, encoding="utf-8")
             print(args.out)
-        else:
+        elif not args.readme:
             print(page, end="")
     elif args.command == "import-results":
         from harness.baselines import BaselineError

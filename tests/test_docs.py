@@ -195,6 +195,29 @@ def test_the_real_model_page_is_what_quantbench_real_model_writes_from_the_commi
         "smollm2-135m --out docs/real-model.md")
 
 
+def test_the_readme_real_model_table_is_what_quantbench_real_model_writes(tmp_path) -> None:
+    """The README's accuracy table is generated from the committed baselines too, and its command rewrites only
+    the block between its markers."""
+    from harness.baselines import BaselineStore
+    from harness.cli import main
+    from harness.report import README_BLOCK, real_model_summary, with_readme_summary
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    summary = real_model_summary(BaselineStore(ROOT / "baselines"), "cpu-amd-epyc-2c", "smollm2-135m")
+    assert with_readme_summary(readme, summary) == readme, (
+        "README.md's real-model table differs from the committed baselines: quantbench real-model "
+        "cpu-amd-epyc-2c smollm2-135m --readme README.md")
+    assert "| fp32 | " in summary and "| bf16 | " in summary
+    copy = tmp_path / "README.md"
+    copy.write_text(f"# t\n\n{README_BLOCK[0]}\nstale\n{README_BLOCK[1]}\n\nafter\n", encoding="utf-8")
+    assert main(["--baselines-dir", str(ROOT / "baselines"), "real-model", "cpu-amd-epyc-2c", "smollm2-135m",
+                 "--readme", str(copy)]) == 0
+    assert copy.read_text(encoding="utf-8") == f"# t\n\n{README_BLOCK[0]}\n{summary}{README_BLOCK[1]}\n\nafter\n"
+    copy.write_text("# no markers\n", encoding="utf-8")
+    assert main(["--baselines-dir", str(ROOT / "baselines"), "real-model", "cpu-amd-epyc-2c", "smollm2-135m",
+                 "--readme", str(copy)]) == 2
+
+
 def test_the_real_model_page_has_a_row_per_method_with_its_accuracy() -> None:
     """Every method of the committed baseline file is a row, and the reference's own KL divergence is zero."""
     import json
