@@ -29,8 +29,8 @@ from typing import Any
 
 from harness.cache import file_sha256
 from harness.config import MatrixError
-from harness.measure.device import DeviceTiming, How
 from harness.gguf import GGUFError, _quiet_llama_cpp, check_gguf, gguf_file, read_sidecar
+from harness.measure.device import DeviceTiming, How
 from harness.methods.base import Method, MethodUnavailable, Param, check_engine_timer
 from harness.runtimes import NATIVE
 
