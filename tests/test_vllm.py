@@ -59,6 +59,19 @@ def test_an_fp8_kv_cache_on_a_head_size_cpu_attention_cannot_store_skips_with_th
     VLLM({}, "cpu")._check_model(embedded_folder)
 
 
+def test_an_fp8_kv_cache_on_an_x86_cpu_without_avx512_or_amx_skips_with_the_reason(tmp_path, monkeypatch):
+    from harness.methods import vllm
+
+    (tmp_path / "config.json").write_text(json.dumps({"head_dim": 64, "hidden_size": 576, "num_attention_heads": 9}))
+    monkeypatch.setattr(vllm, "_cpu_fp8_kv_isa", lambda: False)
+    with pytest.raises(MethodUnavailable, match="AVX-512 or AMX"):
+        VLLM({"kv_cache_dtype": "fp8"}, "cpu")._check_model(tmp_path)
+    VLLM({}, "cpu")._check_model(tmp_path)  # a bf16 cache needs neither
+    VLLM({"kv_cache_dtype": "fp8"}, "cuda")._check_model(tmp_path)
+    monkeypatch.setattr(vllm, "_cpu_fp8_kv_isa", lambda: True)
+    VLLM({"kv_cache_dtype": "fp8"}, "cpu")._check_model(tmp_path)  # head size 64 and the ISA: it runs
+
+
 def test_a_quantized_method_without_an_llmcompressor_environment_skips_with_the_reason(monkeypatch, tmp_path):
     monkeypatch.delenv(PYTHON_VAR, raising=False)
     assert "set QUANTBENCH_LLMCOMPRESSOR_PYTHON" in missing_builder()

@@ -46,7 +46,20 @@ ENVIRONMENT = {
 }
 
 
+def _cpu_fp8_kv_isa() -> bool:
+    """Whether this CPU has what vLLM's CPU attention needs for an fp8 KV cache on x86 (AVX-512 or AMX tiles,
+    by torch's own checks, as vLLM asks them); other architectures are left to vLLM."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    import torch
+
+    return bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
+
+
 @dataclass
+
 class VLLMModel:
     """The offline engine and what was read about it after loading."""
 
@@ -146,6 +159,9 @@ class VLLMMethod(Method):
                 and head % CPU_FP8_KV_HEAD_MULTIPLE):
             raise MethodUnavailable(f"vLLM's CPU attention stores an fp8 KV cache only for head sizes divisible "
                                     f"by {CPU_FP8_KV_HEAD_MULTIPLE}; this model's head size is {head}")
+        if self.device == "cpu" and self.params["kv_cache_dtype"].startswith("fp8") and not _cpu_fp8_kv_isa():
+            raise MethodUnavailable("vLLM's CPU attention stores an fp8 KV cache only on x86 CPUs with AVX-512 or "
+                                    "AMX (cpu_attn.py: _get_attn_isa); this CPU has neither")
 
     def checkpoint(self, pretrained: str) -> Path:
         """The folder vLLM loads: the user's checkpoint, the prepared one, or the model itself."""
