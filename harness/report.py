@@ -304,16 +304,11 @@ SUMMARY_COLUMNS = ("weights MiB", "ppl", "ppl ratio", "KLD mean", "top-1", "batc
 def real_model_summary(store: BaselineStore, key: str, model: str) -> str:
     """The README's short table of real-model accuracy per method (the columns of SUMMARY_COLUMNS), from the
     same baselines and in the same order as real_model_page."""
-    page = real_model_page(store, key, model).splitlines()
-    start = next(i for i, line in enumerate(page) if line.startswith("| method |"))
-    header = [cell.strip() for cell in page[start].strip("|").split("|")]
-    keep = [0] + [header.index(name) for name in SUMMARY_COLUMNS]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in page[start + 2:] if line.startswith("|")]
-    lines = [f"From [`baselines/{key}/{model}.json`](baselines/{key}/{model}.json) (whole table, speed and memory: "
-             "[docs/real-model.md](docs/real-model.md)):", "",
-             "| " + " | ".join(header[i] for i in keep) + " |", "|" + "---|" * len(keep)]
-    lines += ["| " + " | ".join(row[i] for i in keep) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    by_method, size = _real_model_cells(store, key, model)
+    columns = [column for column in REAL_MODEL_COLUMNS if column[0] in SUMMARY_COLUMNS]
+    return "\n".join([f"From [`baselines/{key}/{model}.json`](baselines/{key}/{model}.json) (whole table, speed "
+                      "and memory: [docs/real-model.md](docs/real-model.md)):", "",
+                      *_real_model_table(by_method, size, columns)]) + "\n"
 
 
 def with_readme_summary(readme: str, summary: str) -> str:
@@ -332,14 +327,7 @@ def real_model_page(store: BaselineStore, key: str, model: str) -> str:
     One row per method: accuracy against the suite's reference (per-model figures) and the speed and memory
     of the smallest batch size; the heading says which weights, file and protocol the figures are of.
     """
-    path = store.path(key, model)
-    if not path.is_file():
-        raise KeyError(f"no baselines for {model} on {key}: {path} does not exist")
-    by_method = _cells_by_method(store.load(key, model))
-    sizes = sorted({b for cells in by_method.values() for b in cells if b is not None})
-    if not sizes or not any(None in cells for cells in by_method.values()):
-        raise KeyError(f"{path}: no method has both its per-model and batch-size cells")
-    size = sizes[0]
+    by_method, size = _real_model_cells(store, key, model)
     first = next(cells[None] for cells in by_method.values() if None in cells)
     provenance = first.details.get("model") or {}
     accuracy = first.config.get("accuracy") or {}
@@ -364,12 +352,28 @@ def real_model_page(store: BaselineStore, key: str, model: str) -> str:
         f"{first.config['run']['new_tokens']} new tokens, on {key}; the median of the timed repeats and their "
         "spread",
         "",
-        "| method | " + " | ".join(header for header, _ in REAL_MODEL_COLUMNS) + " |",
-        "|" + "---|" * (len(REAL_MODEL_COLUMNS) + 1),
+        *_real_model_table(by_method, size, REAL_MODEL_COLUMNS),
     ]
-    for method, cells in sorted(by_method.items(), key=lambda item: _figure(item[1].get(None), "kld_mean") or 0):
-        if None not in cells:
-            continue
-        row = [method] + [value(cells[None], cells.get(size)) for _, value in REAL_MODEL_COLUMNS]
-        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _real_model_cells(store: BaselineStore, key: str, model: str) -> tuple[dict[str, dict[int | None, Any]], int]:
+    """The stored cells of `model` on `key` by method and batch size, and the smallest batch size."""
+    path = store.path(key, model)
+    if not path.is_file():
+        raise KeyError(f"no baselines for {model} on {key}: {path} does not exist")
+    by_method = _cells_by_method(store.load(key, model))
+    sizes = sorted({b for cells in by_method.values() for b in cells if b is not None})
+    if not sizes or not any(None in cells for cells in by_method.values()):
+        raise KeyError(f"{path}: no method has both its per-model and batch-size cells")
+    return by_method, sizes[0]
+
+
+def _real_model_table(by_method: dict[str, dict[int | None, Any]], size: int, columns: Any) -> list[str]:
+    """A markdown table, a row per method with its per-model cell, in order of KL divergence."""
+    lines = ["| method | " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for method, cells in sorted(by_method.items(), key=lambda item: _figure(item[1].get(None), "kld_mean") or 0):
+        if None in cells:
+            lines.append("| " + " | ".join([method] + [value(cells[None], cells.get(size)) for _, value in columns])
+                         + " |")
+    return lines

@@ -386,38 +386,36 @@ def _throughput(method: Any, model: Any, cell: CellResult, rows: list[list[int]]
 def _device_timing(method: Any, model: Any, cell: CellResult, rows: list[list[int]], run: RunConfig, device: str,
                    decode_s: tuple[float, ...], inject_fraction: float) -> None:
     """Device figures of one batch size (harness/measure/device.py), after and outside the memory-tracked and
-    telemetry-watched repeats; why not, in the cell's details, where the method or device has none."""
-    engine = method.engine_timing(model, len(rows), run.repeats) if device == "cuda" else None
-    if engine is not None:  # an engine's own timer around its own decode loop (llama.cpp)
-        cell.figures.update(engine.figures(decode_s, run.new_tokens - 1))
-        cell.details["device_timing"] = engine.details()
-        log(f"b{len(rows)}: device decode {cell.figures['decode_device_tokens_per_s'].value:.1f} tok/s "
-            f"(+-{100 * cell.figures['decode_device_tokens_per_s'].relative_spread:.2f}%, {engine.how.value})")
-        return
-    why = method.device_timing_unavailable() if device == "cuda" else \
-        "on a CPU the device is the host: the cell's speeds are its generate() figures"
-    if why:
-        cell.details["device_timing"] = {"unavailable": why}
-        return
-    from harness.measure.device import measure_device
+    telemetry-watched repeats: an engine's own timer where it runs its own decode loop (llama.cpp), else the
+    suite's; why not, in the cell's details, where the method or device has none."""
+    timing = method.engine_timing(model, len(rows), run.repeats) if device == "cuda" else None
+    details: dict[str, Any] = {}
+    if timing is None:
+        why = method.device_timing_unavailable() if device == "cuda" else \
+            "on a CPU the device is the host: the cell's speeds are its generate() figures"
+        if why:
+            cell.details["device_timing"] = {"unavailable": why}
+            return
+        from harness.measure.device import measure_device
 
-    try:
-        timing, generated = measure_device(model, rows, run.new_tokens - 1, method.compiled, cuda=True,
-                                           capturable=method.capture_blocker(), inject_fraction=inject_fraction)
-    except method.RUNTIME.out_of_memory_errors() as exc:
-        cell.details["device_timing"] = {"unavailable": f"out of memory: {str(exc).splitlines()[0]}"}
-        del exc
+        try:
+            timing, generated = measure_device(model, rows, run.new_tokens - 1, method.compiled, cuda=True,
+                                               capturable=method.capture_blocker(), inject_fraction=inject_fraction)
+        except method.RUNTIME.out_of_memory_errors() as exc:
+            cell.details["device_timing"] = {"unavailable": f"out of memory: {str(exc).splitlines()[0]}"}
+            del exc
+            method.RUNTIME.release_cached_memory()
+            return
+        except Exception as exc:  # the device timer failed on this method: its tests fail with this, never skip
+            cell.details["device_timing"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            log(f"device timing failed: {cell.details['device_timing']['error']}")
+            traceback.print_exc()
+            method.RUNTIME.release_cached_memory()
+            return
+        details["generated_ids_digest"] = ids_digest(generated)
         method.RUNTIME.release_cached_memory()
-        return
-    except Exception as exc:  # the device timer failed on this method: its tests fail with this, never skip
-        cell.details["device_timing"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
-        log(f"device timing failed: {cell.details['device_timing']['error']}")
-        traceback.print_exc()
-        method.RUNTIME.release_cached_memory()
-        return
     cell.figures.update(timing.figures(decode_s, run.new_tokens - 1))
-    cell.details["device_timing"] = {**timing.details(), "generated_ids_digest": ids_digest(generated)}
-    method.RUNTIME.release_cached_memory()
+    cell.details["device_timing"] = {**timing.details(), **details}
     log(f"b{len(rows)}: device decode {cell.figures['decode_device_tokens_per_s'].value:.1f} tok/s "
         f"(+-{100 * cell.figures['decode_device_tokens_per_s'].relative_spread:.2f}%, {timing.how.value}), "
         f"{timing.kernels_per_step} kernels a step")

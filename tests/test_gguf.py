@@ -221,15 +221,28 @@ def test_engine_timing_reads_llama_cpps_own_timer_over_the_timed_calls(embedded_
     assert timing.details()["flash_attn"] == "auto" and "llama_perf_context" in timing.details()["timer"]
 
 
-@pytest.mark.parametrize("flash_attn", ["on", "off"])
-def test_flash_attention_setting_gives_the_same_tokens(embedded_folder, flash_attn):
+@pytest.mark.parametrize("flash_attn", ["on", "off", "auto"])
+def test_the_flash_attention_setting_reaches_llama_cpp_and_keeps_the_tokens(embedded_folder, flash_attn, monkeypatch):
+    import llama_cpp
+
+    asked = []
+    init = llama_cpp.llama_init_from_model
+
+    def recording(model, params):
+        asked.append(params.flash_attn_type)
+        return init(model, params)
+
+    monkeypatch.setattr(llama_cpp, "llama_init_from_model", recording)
     method, model = load(embedded_folder, qtype="q8_0", flash_attn=flash_attn)
     ids = [random_ids(model.n_vocab, n=24)]
-    auto, auto_model = load(embedded_folder, qtype="q8_0")
     method.generate(model, ids, 8, None)
-    auto.generate(auto_model, ids, 8, None)
-    assert model.last_tokens.tolist() == auto_model.last_tokens.tolist()
-    assert method.describe(model)["flash_attn"] == flash_attn and auto.describe(auto_model)["flash_attn"] == "auto"
+    wanted = {"on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+              "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}[flash_attn]
+    assert asked and set(asked) == {wanted}
+    reference, reference_model = load(embedded_folder, qtype="q8_0", flash_attn="off")
+    reference.generate(reference_model, ids, 8, None)
+    assert model.last_tokens.tolist() == reference_model.last_tokens.tolist()
+    assert method.describe(model)["flash_attn"] == flash_attn
     with pytest.raises(MatrixError, match="flash_attn"):
         GGUFMethod.validate({"flash_attn": True}, "methods.gguf-x")
 

@@ -69,7 +69,6 @@ class GGUFModel:
     samplers: list[Any] = field(default_factory=list)  # the context's sampler chains, kept alive for llama.cpp
     last_perf: dict[str, float] | None = None  # llama.cpp's counters and the host's timing of the last generate()
     perf_unverified: list[dict[str, float]] = field(default_factory=list)  # since the last verify()
-    perf_differences: list[float] = field(default_factory=list)  # relative differences of every generate()
     perf_history: list[dict[str, float]] = field(default_factory=list)  # every generate()'s counters, in order
     tokenizer_parity: dict[str, Any] | None = None
     last_tokens: Any = None  # [rows, new_tokens] ids chosen by the last generate()
@@ -458,7 +457,6 @@ class GGUFMethod(Method):
         }
         model.perf_unverified.append(model.last_perf)
         model.perf_history.append(model.last_perf)
-        model.perf_differences.append(difference)
 
     def logits(self, model: GGUFModel, ids: list[int]) -> Any:
         import numpy as np
@@ -486,7 +484,7 @@ class GGUFMethod(Method):
             model.tokenizer_parity = tokenizer_parity(model, reference)
         context = model.context
         sha256 = model.sidecar.get("sha256") or file_sha256(model.path)
-        differences = model.perf_differences
+        differences = [call["relative_difference"] for call in model.perf_history]
         return {
             **super().describe(model),
             "qtype": self.params["qtype"] if not (self.params["file"] or self.params["model_file"]) else None,

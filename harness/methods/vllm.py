@@ -59,7 +59,6 @@ def _cpu_fp8_kv_isa() -> bool:
 
 
 @dataclass
-
 class VLLMModel:
     """The offline engine and what was read about it after loading."""
 
