@@ -760,7 +760,7 @@ def kernel_changes(measured: CellResult, baseline: CellResult) -> str | None:
 
 
 # Facts of the run (not of the config) that often explain a change: where a regression's message looks first.
-_HOST_FIELDS = ("cpu", "cpu_count", "cpu_affinity", "system")
+_HOST_FIELDS = ("cpu", "cpu_isa", "cpu_vector_flags", "cpu_count", "cpu_affinity", "system")
 _GPU_FIELDS = ("driver", "cuda_driver")
 _ENVIRONMENT_FIELDS = ("quantbench_revision", "torch_cuda", "cudnn")
 

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report)")
     real = sub.add_parser("real-model", help="the markdown page of what each method costs on one model (accuracy, "
                           "speed, memory), from its stored baselines on one hardware key (docs/real-model.md)")
-    real.add_argument("key", help="hardware key, e.g. cpu-amd-epyc-2c")
+    real.add_argument("key", help="hardware key, e.g. cpu-amd-epyc-avx2-2c")
     real.add_argument("model", help="model name, e.g. smollm2-135m")
     real.add_argument("--out", type=Path, default=None, help="write the page here (default: print it)")
     real.add_argument("--readme", type=Path, default=None, help="also rewrite the short accuracy table between "

@@ -36,6 +36,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The vector instructions that decide a CPU kernel's speed, best first: (tier named in the key, the
+# /proc/cpuinfo flag that marks it). Machines sold under one model name differ here (an `AMD EPYC` with
+# AVX-512 and one without ran the same cells up to 96 % apart), so the tier is part of a CPU's key.
+CPU_ISA_TIERS = (("amx", "amx_tile"), ("avx512", "avx512f"), ("avx2", "avx2"), ("sve", "sve"), ("neon", "asimd"))
+# The flags recorded with every CPU figure (machine_info), beside the tier they decide.
+CPU_VECTOR_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                    "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (`flags` on x86, `Features` on Arm); empty elsewhere."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_vector_isa(flags: frozenset[str] | None = None) -> str | None:
+    """The best vector-instruction tier of CPU_ISA_TIERS this CPU has (`amx`, `avx512`, `avx2`, ...), or None
+    where its flags cannot be read or it has none of them."""
+    flags = cpu_flags() if flags is None else flags
+    return next((tier for tier, flag in CPU_ISA_TIERS if flag in flags), None)
+
+
 @functools.lru_cache(maxsize=1)
 def nvml() -> Any | None:
     """The initialised pynvml module, or None where there is no NVIDIA driver."""
@@ -172,7 +198,9 @@ def hardware_key(device: str) -> str:
     """The baseline folder name for `device`: GPU name and memory (`nvidia-h100-80gb-hbm3`), else the CPU.
 
     The GPU's memory is added in GiB when its name does not already carry it (`nvidia-h200-140gb`), so
-    cards that share a name but not a memory size never share baselines.
+    cards that share a name but not a memory size never share baselines. A CPU's key is its model name,
+    its vector-instruction tier (cpu_vector_isa; left out where none can be read) and its core count:
+    `cpu-amd-epyc-avx2-2c` and `cpu-amd-epyc-avx512-2c` are two kinds of machine under one name.
     """
     if device == "cuda":
         info = gpu_info()
@@ -184,11 +212,12 @@ def hardware_key(device: str) -> str:
         return key
     name = cpu_model()
     name = re.sub(r"\bcpu\b|@.*$|\bprocessor\b", "", name, flags=re.IGNORECASE)
-    return CPU_KEY_PREFIX + slug(name) + f"-{os.cpu_count()}c"
+    isa = cpu_vector_isa()
+    return CPU_KEY_PREFIX + slug(name) + (f"-{isa}" if isa else "") + f"-{os.cpu_count()}c"
 
 
 def is_cpu_key(key: str) -> bool:
-    """Whether a hardware key names a CPU (`cpu-amd-epyc-2c`) rather than a GPU."""
+    """Whether a hardware key names a CPU (`cpu-amd-epyc-avx2-2c`) rather than a GPU."""
     return key.startswith(CPU_KEY_PREFIX)
 
 
@@ -204,6 +233,9 @@ def machine_info(device: str) -> dict[str, Any]:
         "system": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
     }
+    flags = cpu_flags()
+    info["cpu_isa"] = cpu_vector_isa(flags)
+    info["cpu_vector_flags"] = [flag for flag in CPU_VECTOR_FLAGS if flag in flags]
     if device == "cuda":
         info["gpu"] = gpu_info()
     return info

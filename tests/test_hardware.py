@@ -25,10 +25,37 @@ def test_a_gpu_key_carries_name_and_memory(monkeypatch, name, memory_mib, key):
     assert hardware.hardware_key("cuda") == key
 
 
-def test_a_cpu_key_carries_the_model_and_core_count(monkeypatch):
-    monkeypatch.setattr(hardware, "cpu_model", lambda: "Intel(R) Xeon(R) Platinum 8488C CPU @ 2.40GHz")
+@pytest.mark.parametrize(
+    ("name", "flags", "key"),
+    [
+        ("Intel(R) Xeon(R) Platinum 8488C CPU @ 2.40GHz", "fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile",
+         "cpu-intel-xeon-platinum-8488c-amx-2c"),
+        ("AMD EPYC", "fpu sse2 avx2 fma avx512f avx512_bf16", "cpu-amd-epyc-avx512-2c"),
+        ("AMD EPYC", "fpu sse2 avx2 fma", "cpu-amd-epyc-avx2-2c"),
+        ("Neoverse-V1", "fp asimd sve", "cpu-neoverse-v1-sve-2c"),
+        ("QEMU Virtual CPU version 2.5+", "fpu sse2", "cpu-qemu-virtual-version-2.5-2c"),
+    ],
+)
+def test_a_cpu_key_carries_the_model_vector_tier_and_core_count(monkeypatch, tmp_path, name, flags, key):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: {name}\nflags\t\t: {flags}\n\n")
+    real_path = hardware.Path
+    monkeypatch.setattr(hardware, "Path", lambda text: cpuinfo if text == "/proc/cpuinfo" else real_path(text))
     monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
-    assert hardware.hardware_key("cpu") == "cpu-intel-xeon-platinum-8488c-2c"
+    assert hardware.hardware_key("cpu") == key
+    info = hardware.machine_info("cpu")
+    assert info["hardware_key"] == key
+    assert info["cpu_isa"] == (key.split("-")[-2] if key.split("-")[-2] in ("amx", "avx512", "avx2", "sve") else None)
+    assert set(info["cpu_vector_flags"]) <= set(flags.split())
+
+
+def test_a_cpu_whose_flags_cannot_be_read_keeps_a_key_without_a_tier(monkeypatch, tmp_path):
+    real_path, missing = hardware.Path, tmp_path / "none"
+    monkeypatch.setattr(hardware, "Path", lambda text: missing if text == "/proc/cpuinfo" else real_path(text))
+    monkeypatch.setattr(hardware.platform, "processor", lambda: "arm")
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 8)
+    assert hardware.cpu_vector_isa() is None
+    assert hardware.hardware_key("cpu") == "cpu-arm-8c"
 
 
 def test_asking_for_a_gpu_key_without_a_gpu_says_so(monkeypatch):
