@@ -2,11 +2,12 @@
 that now names that machine, cpu-amd-epyc-avx2-2c (hardware keys carry the vector-instruction tier since
 2026-12-04).
 
-Which machine recorded a cell is read from its stored host record: the 2026-12-03 evening recordings ran on
-kernel 6.18.44-fc-v1147, the host whose /proc/cpuinfo listed avx2 and no avx512f or amx flags
-(docs/evidence/cpu-amd-epyc-2c/README.md, vllm.md). The other cells (the vLLM cells recorded that morning on
-6.18.44-fc-v1045, a host whose flags were not written down) stay where they are: their speed figures cannot be
-assigned to a tier. Every file is written whole through a temporary file and os.replace, and nothing is
+Which session recorded a cell is read from its stored host record: among this key's cells, those of the
+2026-12-03 evening session carry kernel 6.18.44-fc-v1147 (a guest kernel build that machines of other CPUs
+share too, so it tells the sessions of this key apart, not CPUs in general); that session's machine listed
+avx2 and no avx512f or amx flags in /proc/cpuinfo (docs/evidence/cpu-amd-epyc-2c/README.md, vllm.md). The
+other cells (the vLLM cells recorded that morning under 6.18.44-fc-v1045, on a machine whose flags were not
+written down) stay where they are: their speed figures cannot be assigned to a tier. Every file is written whole through a temporary file and os.replace, and nothing is
 written unless every cell was read.
 
     python docs/evidence/cpu-amd-epyc-avx2-2c/split_by_isa.py
