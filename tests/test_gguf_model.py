@@ -22,7 +22,7 @@ from harness.cache import sha256_file  # noqa: E402
 from harness.config import MatrixError, ModelError, ModelSpec, ModelUnavailable  # noqa: E402
 from harness.gguf import convert_to_gguf, quantize  # noqa: E402
 from harness.matrix import load_matrix, parse_matrix  # noqa: E402
-from harness.models import resolve, synthetic_folder  # noqa: E402
+from harness.models import resolve, synthetic_folder, weights_digest  # noqa: E402
 
 MATRIX = Path(__file__).resolve().parents[1] / "benchmarks" / "matrix.toml"
 PACKAGE = "quantbench-test-gguf"  # the distribution the tests write; no index has it
@@ -96,6 +96,10 @@ def test_provenance_names_the_file_its_hash_and_what_the_weights_were_dequantize
     # the converter keeps 1-D tensors in F32: the norms of two layers and the final one
     assert provenance["tensor_types"] == {"F32": 5, "Q8_0": 16}
     assert provenance["weights"].startswith("dequantized from Q8_0 to float32")
+    # the dequantized weights' own hash, as a local folder's: the same file gives the same weights_sha256
+    folder = Path(provenance["folder"])
+    assert provenance["weights_sha256"] == weights_digest([folder / "model.safetensors"])
+    assert resolve(spec(path=str(tiny_gguf)), log=quiet).provenance["weights_sha256"] == provenance["weights_sha256"]
 
 
 def test_a_second_resolve_reuses_the_folder_and_a_changed_one_is_rebuilt(tiny_gguf, monkeypatch):
