@@ -56,6 +56,7 @@ class Status(StrEnum):
     INCOMPARABLE = "incomparable"  # the baseline was measured differently, or some of its figures are stale
     RECORDED = "updated"  # --update-baselines: the figures became the baseline, nothing was compared
     ERROR = "error"  # the run failed, a figure is not finite, the device timer or batch consistency failed
+    KNOWN = "known"  # batch inconsistent as its baseline's run was too (a check only; the cell passes)
     SKIPPED = "skipped"
 
 
@@ -152,6 +153,8 @@ class CellVerdict:
                 lines.append(f"FAIL {check.message}{key}{differed if compared else ''}")
             elif check.status is Status.UNRESOLVED:
                 lines.append(f"noisy {check.message}{key}")
+            elif check.status is Status.KNOWN:
+                lines.append(f"known {check.message}")
             else:
                 lines.append(f"ok   {check.message}{key}")
         return lines
@@ -254,8 +257,14 @@ def run_failed(cell: str, why: str) -> CellVerdict:
     return cell_error(cell, f"{cell}: the run failed: {why}")
 
 
-def judge_consistency(result: CellResult) -> CellVerdict:
-    """Batch consistency: whether a left-padded batch's greedy tokens equal the lone prompts'."""
+def judge_consistency(result: CellResult, baseline: StoredBaseline | None = None) -> CellVerdict:
+    """Batch consistency: whether a left-padded batch's greedy tokens equal the lone prompts'.
+
+    Inconsistent rows fail the cell, except where `baseline` (the baseline its accuracy figures meet) recorded
+    the cell inconsistent too: then the check is KNOWN, passes, and names the baseline, so that a backend that
+    is not batch-invariant on a model (llama.cpp's CPU path with flash attention on SmolLM2's q8_0 file) is a
+    recorded property the gate keeps showing, and a cell that was consistent and no longer is still fails.
+    """
     report = result.details.get("batch_consistency")
     if report is None:
         return skipped(result.id, f"{result.id}: batch consistency is off (run.consistency_tokens = 0)")
@@ -264,8 +273,14 @@ def judge_consistency(result: CellResult) -> CellVerdict:
     if report["consistent"]:
         return CellVerdict(result.id, Status.PASS, (Check(None, Status.PASS, f"{result.id}: batch consistent", False),))
     described = describe_failure(report) if report.get("rows") else ""
-    return cell_error(result.id, f"{result.id}: batched rows differ from rows generated alone"
-                             + (f": {described}" if described else ""))
+    message = f"{result.id}: batched rows differ from rows generated alone" + (f": {described}" if described else "")
+    stored = baseline.cell if baseline is not None else None
+    if stored is not None and (stored.details.get("batch_consistency") or {}).get("consistent") is False:
+        known = (f"{message} (inconsistent as its baseline of {baseline.key} recorded on "
+                 f"{stored.details.get('measured_at') or 'an unrecorded date'}, {baseline.path})")
+        return CellVerdict(result.id, Status.KNOWN, (Check(None, Status.KNOWN, known, False,
+                                                           baseline_key=baseline.key),))
+    return cell_error(result.id, message)
 
 
 def judge(result: CellResult, baseline: GateBaseline, policy: GatePolicy, *, metrics: Iterable[str] | None = None,
@@ -290,9 +305,11 @@ def judge(result: CellResult, baseline: GateBaseline, policy: GatePolicy, *, met
     errors = [Check(name, Status.ERROR, line, True)
               for name in (sorted(broken) if asked is None else asked) if name in broken
               for line in result.non_finite([name])]
+    known: list[Check] = []
     if asked is None:
-        consistency = judge_consistency(result)
+        consistency = judge_consistency(result, baseline.accuracy)
         errors += [check for check in consistency.checks if check.fails]
+        known = [check for check in consistency.checks if check.status is Status.KNOWN]
     timer = (result.details.get("device_timing") or {}).get("error")
     device = [Check(None, Status.ERROR, f"{cell}: the device timer failed: {timer}", True)] \
         if timer and (asked is None or set(asked) & set(DEVICE_METRICS)) else []
@@ -302,7 +319,7 @@ def judge(result: CellResult, baseline: GateBaseline, policy: GatePolicy, *, met
         return replace(skipped(cell, why), **where)
 
     def verdict(status: Status, checks: list[Check], **more: Any) -> CellVerdict:
-        return CellVerdict(cell, Status.ERROR if errors + device else status, tuple(errors + checks + device),
+        return CellVerdict(cell, Status.ERROR if errors + device else status, tuple(errors + checks + device + known),
                            **where, **more)
 
     if recording or not wanted:  # nothing to compare: only the errors above can fail the cell

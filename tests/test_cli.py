@@ -173,6 +173,20 @@ def test_gate_holds_a_results_file_against_the_baselines_offline(tmp_path, capsy
     assert expected in capsys.readouterr().out
 
 
+def test_a_batch_inconsistency_its_baseline_recorded_too_is_known_and_one_that_is_new_fails(tmp_path, capsys):
+    store = BaselineStore(tmp_path / "bl")
+    store.merge("gpu-a", [gated_cell(100.0, consistent=False)])
+    results = tmp_path / "run.jsonl"
+    write_results(results, [gated_cell(100.0, consistent=False)])
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "known fp16|m|b1: batched rows differ from rows generated alone (inconsistent as its baseline of gpu-a " \
+           "recorded on" in out and "0 failure(s)" in out
+    store.merge("gpu-a", [gated_cell(100.0, consistent=True)])  # a consistent baseline: inconsistency is news
+    assert main(["--baselines-dir", str(tmp_path / "bl"), "gate", str(results)]) == 1
+    assert "FAIL fp16|m|b1: batched rows differ from rows generated alone" in capsys.readouterr().out
+
+
 def test_gate_fails_a_figure_read_by_another_memory_protocol_and_still_gates_the_rest(tmp_path, capsys):
     old = gated_cell(100.0)
     old.figures["peak_nvml_mib"] = Figure(12856.0)

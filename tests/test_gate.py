@@ -390,3 +390,9 @@ def test_run_differences_name_versions_driver_and_host_that_both_runs_recorded()
     assert run_differences(run("2.11.0", "580.1", 64, uuid="GPU-be79431d-799f-0a79-d1fe-60a2543bc9b7"), baseline) == [
         "another GPU (uuid GPU-c37ffd22... -> GPU-be79431d...)"]
     assert run_differences(run("2.11.0", "580.1", 64, uuid=""), baseline) == []  # one side did not record it
+    # a GPU key does not carry the host CPU's vector tier: a host with other vector instructions is named
+    amx, avx2 = run("2.11.0", "580.1", 64), run("2.11.0", "580.1", 64)
+    amx.hardware.update(cpu_isa="amx", cpu_vector_flags=["avx2", "avx512f", "amx_tile"])
+    avx2.hardware.update(cpu_isa="avx2", cpu_vector_flags=["avx2"])
+    assert run_differences(amx, avx2) == [
+        "cpu_isa avx2 -> amx", "cpu_vector_flags ['avx2'] -> ['avx2', 'avx512f', 'amx_tile']"]
