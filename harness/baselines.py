@@ -463,7 +463,9 @@ def _weights_differ(measured: CellResult, baseline: CellResult) -> str | None:
 def accuracy_differences(measured: CellResult, baseline: CellResult) -> list[str]:
     """What decides the accuracy figures and differs between `baseline` and `measured`, or is unknown.
 
-    The weights (`details.model.weights_sha256`) and the versions of the libraries the measured method declares
+    The weights (`details.model.weights_sha256`), the checkpoint the method quantized them into where it built
+    one (`details.quantization.weights_sha256`: GPTQModel's calibration on an AMX Xeon and on an AVX2 EPYC made
+    checkpoints 1.5 % apart in SmolLM2's perplexity), and the versions of the libraries the measured method declares
     (`details.accuracy_packages`: torch, transformers and the method's own, Method.ACCURACY_PACKAGES). A
     baseline of another hardware key is compared only when this is empty: then the figures are the same
     computation on other cores, where a change is the code's and not the machine's.
@@ -472,6 +474,14 @@ def accuracy_differences(measured: CellResult, baseline: CellResult) -> list[str
         found = ["weights unknown (this run records no weights sha256 for its model)"]
     else:
         found = [differ] if (differ := _weights_differ(measured, baseline)) else []
+    quantized = (measured.details.get("quantization") or {}).get("weights_sha256")
+    if quantized:  # a checkpoint the method built: calibration through other kernels builds other weights
+        stored = (baseline.details.get("quantization") or {}).get("weights_sha256")
+        if not stored:
+            found.append("quantized weights unknown (the baseline records no sha256 of its checkpoint; re-record it)")
+        elif stored != quantized:
+            found.append(f"quantized weights differ (baseline checkpoint sha256 {stored[:16]}, now {quantized[:16]}: "
+                         "quantized through other kernels or inputs)")
     names = measured.details.get("accuracy_packages")
     if not names:
         return [*found, "this run records no accuracy_packages"]

@@ -41,7 +41,7 @@ from harness.measure.divergence import Collector, Comparer, Reference, reference
 from harness.measure.telemetry import gpu_telemetry
 from harness.measure.throughput import measure_generation, timed
 from harness.methods import MethodUnavailable, method_class
-from harness.models import ResolvedModel, eval_ids, ids_digest, prompt_ids, resolve, tokenizer_check
+from harness.models import ResolvedModel, eval_ids, ids_digest, prompt_ids, resolve, tokenizer_check, weights_digest
 from harness.results import CellResult, WorkerStatus
 
 
@@ -290,6 +290,10 @@ def _quantization(prepared: dict[str, Any] | None, cell: CellResult) -> None:
     prepared = {k: v for k, v in (prepared or {}).items() if k != "inputs"}  # ids: not a record of the build
     if not prepared:
         return
+    folder = Path(prepared["checkpoint"]) if prepared.get("checkpoint") else None
+    tensors = sorted(folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []
+    if tensors:  # what calibration made, which can differ between machines: the gate reads it across CPU keys
+        prepared["weights_sha256"] = weights_digest(tensors)
     cell.details["quantization"] = prepared
     if prepared.get("fresh") and "quantize_s" in prepared:
         cell.figures["quantize_s"] = Figure(prepared["quantize_s"])

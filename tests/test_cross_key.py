@@ -91,6 +91,38 @@ def test_what_decides_accuracy_differing_means_not_compared_with_why(store, meas
     assert verdict.lines()[0].startswith("new  ppl of bnb-nf4-cpu|embedded: not compared (")
 
 
+def quantized(checkpoint: str | None, **more) -> CellResult:
+    """A cell whose method built a checkpoint (GPTQModel's): its sha256 decides the accuracy figures too."""
+    cell = model_cell(**more)
+    if checkpoint:
+        cell.details["quantization"] = {"checkpoint": "/cache/quant/gptq", "weights_sha256": checkpoint}
+    return cell
+
+
+def test_a_checkpoint_quantized_into_other_weights_is_not_compared_across_keys(tmp_path):
+    """GPTQModel's calibration on an AMX Xeon and an AVX2 EPYC made checkpoints 1.5 % apart in perplexity: a figure
+    of another checkpoint is no regression of the code, so it is not compared; the same checkpoint is."""
+    store = BaselineStore(tmp_path)
+    store.merge(RECORDED, [quantized("a" * 64)])
+    same = judge(quantized("a" * 64, ppl=75.1, key=UNSEEN), store.gate_baseline(UNSEEN, quantized("a" * 64)),
+                 POLICY, metrics=["ppl"])
+    assert same.status is Status.PASS and checks(same)["ppl"].baseline_key == RECORDED
+    other = quantized("b" * 64, ppl=80.0, key=UNSEEN)
+    verdict = judge(other, store.gate_baseline(UNSEEN, other), POLICY, metrics=["ppl"])
+    assert verdict.status is Status.NOT_COMPARED and not verdict.failed
+    assert (f"{RECORDED}: quantized weights differ (baseline checkpoint sha256 aaaaaaaaaaaaaaaa, now "
+            "bbbbbbbbbbbbbbbb: quantized through other kernels or inputs)") in verdict.checks[0].message
+    # a baseline recorded before checkpoints were hashed does not qualify for a cell that has one
+    old = BaselineStore(tmp_path / "old")
+    old.merge(RECORDED, [quantized(None)])
+    verdict = judge(other, old.gate_baseline(UNSEEN, other), POLICY, metrics=["ppl"])
+    assert "quantized weights unknown (the baseline records no sha256 of its checkpoint" in verdict.checks[0].message
+    # on its own key a new checkpoint is still held to the old one's figures: a broken quantizer fails there
+    own = judge(quantized("b" * 64, ppl=80.0), store.gate_baseline(RECORDED, quantized("b" * 64)), POLICY,
+                metrics=["ppl"])
+    assert own.status is Status.REGRESSED
+
+
 def test_a_version_that_does_not_decide_accuracy_may_differ(store):
     measured = model_cell(numpy="3.0.0")  # numpy is no accuracy package of bnb
     assert accuracy_differences(measured, store.get(RECORDED, measured)) == []
@@ -274,3 +306,20 @@ def test_a_broken_quantizer_fails_the_cross_key_accuracy_check(tmp_path):
         assert verdict.status is status, (intact, broken, verdict.lines())
         assert verdict.checks[0].baseline_key == RECORDED
     assert f"held to the baseline of {RECORDED}" in verdict.failure_text()
+
+
+def test_the_worker_records_the_sha256_of_a_checkpoint_the_method_built(tmp_path):
+    from harness import worker
+    from harness.models import weights_digest
+
+    folder = tmp_path / "gptq"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"packed int4 weights")
+    (folder / "quantize_config.json").write_text("{}")
+    cell = model_cell()
+    worker._quantization({"checkpoint": str(folder), "fresh": True, "quantize_s": 12.0}, cell)
+    assert cell.details["quantization"]["weights_sha256"] == weights_digest([folder / "model.safetensors"])
+    assert cell.figures["quantize_s"].value == 12.0
+    plain = model_cell()  # a method without a checkpoint folder (bitsandbytes quantizes at load) records none
+    worker._quantization({"quantize_s": 1.0}, plain)
+    assert "weights_sha256" not in plain.details["quantization"]
