@@ -95,18 +95,13 @@ def resolve_gguf(spec: ModelSpec, log: Callable[[str], None] = print) -> tuple[P
         raise ModelError(f"model {spec.name!r}: {path} has sha256 {sha256}, the matrix asks for {spec.sha256} "
                          f"(models.{spec.name}.sha256): another file than the matrix was written for")
     folder = hf_folder(path, sha256, log)
-    from harness.models import local_weights, weights_digest
-
     meta = json.loads((folder / GGUF_META).read_text())
     file_type = meta["file_type"]
     provenance = {"source": "gguf", **origin, "gguf_sha256": sha256, "file_type": file_type,
                   "tensor_types": meta["tensor_types"],
                   "weights": f"dequantized from {file_type} to float32 by transformers {meta['transformers']}",
                   "versions": {"transformers": meta["transformers"], "gguf": meta["gguf"]},
-                  "format": GGUF_MODEL_FORMAT, "folder": str(folder),
-                  # the dequantized weights the torch-side methods load, hashed as a local folder's are: what
-                  # lets the accuracy figures meet another CPU key's baseline (harness/baselines.py)
-                  "weights_sha256": weights_digest(local_weights(folder, spec))}
+                  "format": GGUF_MODEL_FORMAT, "folder": str(folder)}
     return folder, provenance
 
 

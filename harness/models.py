@@ -87,6 +87,9 @@ def resolve(spec: ModelSpec, log: Callable[[str], None] = print) -> ResolvedMode
         from harness.gguf_model import resolve_gguf
 
         folder, provenance = resolve_gguf(spec, log=log)
+        # the dequantized weights the torch-side methods load, hashed as a local folder's are: what lets the
+        # accuracy figures meet another CPU key's baseline (harness/baselines.py)
+        provenance["weights_sha256"] = weights_digest(local_weights(folder, spec))
         config = json.loads((folder / "config.json").read_text())
         return ResolvedModel(spec.name, str(folder), True, False, config["vocab_size"], provenance)
     if spec.source == "hub":

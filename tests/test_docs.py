@@ -189,9 +189,9 @@ def test_the_real_model_page_is_what_quantbench_real_model_writes_from_the_commi
     from harness.baselines import BaselineStore
     from harness.report import real_model_page
 
-    expected = real_model_page(BaselineStore(ROOT / "baselines"), "cpu-amd-epyc-avx2-2c", "smollm2-135m")
+    expected = real_model_page(BaselineStore(ROOT / "baselines"), "cpu-intel-xeon-amx-2c", "smollm2-135m")
     assert REAL_MODEL_PAGE.read_text(encoding="utf-8") == expected, (
-        "docs/real-model.md differs from the committed baselines: quantbench real-model cpu-amd-epyc-avx2-2c "
+        "docs/real-model.md differs from the committed baselines: quantbench real-model cpu-intel-xeon-amx-2c "
         "smollm2-135m --out docs/real-model.md")
 
 
@@ -203,18 +203,18 @@ def test_the_readme_real_model_table_is_what_quantbench_real_model_writes(tmp_pa
     from harness.report import README_BLOCK, real_model_summary, with_readme_summary
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    summary = real_model_summary(BaselineStore(ROOT / "baselines"), "cpu-amd-epyc-avx2-2c", "smollm2-135m")
+    summary = real_model_summary(BaselineStore(ROOT / "baselines"), "cpu-intel-xeon-amx-2c", "smollm2-135m")
     assert with_readme_summary(readme, summary) == readme, (
         "README.md's real-model table differs from the committed baselines: quantbench real-model "
-        "cpu-amd-epyc-avx2-2c smollm2-135m --readme README.md")
+        "cpu-intel-xeon-amx-2c smollm2-135m --readme README.md")
     assert "| fp32 | " in summary and "| bf16 | " in summary
     copy = tmp_path / "README.md"
     copy.write_text(f"# t\n\n{README_BLOCK[0]}\nstale\n{README_BLOCK[1]}\n\nafter\n", encoding="utf-8")
-    assert main(["--baselines-dir", str(ROOT / "baselines"), "real-model", "cpu-amd-epyc-avx2-2c", "smollm2-135m",
+    assert main(["--baselines-dir", str(ROOT / "baselines"), "real-model", "cpu-intel-xeon-amx-2c", "smollm2-135m",
                  "--readme", str(copy)]) == 0
     assert copy.read_text(encoding="utf-8") == f"# t\n\n{README_BLOCK[0]}\n{summary}{README_BLOCK[1]}\n\nafter\n"
     copy.write_text("# no markers\n", encoding="utf-8")
-    assert main(["--baselines-dir", str(ROOT / "baselines"), "real-model", "cpu-amd-epyc-avx2-2c", "smollm2-135m",
+    assert main(["--baselines-dir", str(ROOT / "baselines"), "real-model", "cpu-intel-xeon-amx-2c", "smollm2-135m",
                  "--readme", str(copy)]) == 2
 
 
@@ -222,7 +222,7 @@ def test_the_real_model_page_has_a_row_per_method_with_its_accuracy() -> None:
     """Every method of the committed baseline file is a row, and the reference's own KL divergence is zero."""
     import json
 
-    stored = json.loads((ROOT / "baselines" / "cpu-amd-epyc-avx2-2c" / "smollm2-135m.json").read_text())
+    stored = json.loads((ROOT / "baselines" / "cpu-intel-xeon-amx-2c" / "smollm2-135m.json").read_text())
     methods = {cell["method"] for cell in stored["cells"].values() if cell["batch_size"] is None}
     rows = {line.split(" | ")[0].lstrip("| ") for line in REAL_MODEL_PAGE.read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| method")}
