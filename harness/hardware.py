@@ -26,14 +26,19 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.")
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (or the platform module elsewhere)."""
+def _cpuinfo_field(*names: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with one of `names`, or None (no such file or line)."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
+            if line.startswith(names):
                 return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (or the platform module elsewhere)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 # The vector instructions that decide a CPU kernel's speed, best first: (tier named in the key, the
@@ -47,12 +52,7 @@ CPU_VECTOR_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512
 
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (`flags` on x86, `Features` on Arm); empty elsewhere."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    return frozenset((_cpuinfo_field("flags", "Features") or "").split())
 
 
 def cpu_vector_isa(flags: frozenset[str] | None = None) -> str | None:

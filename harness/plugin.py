@@ -16,23 +16,21 @@ from typing import Any
 import pytest
 
 from harness import hardware
-from harness.baselines import BaselineError, BaselineStore, resolution_summary
+from harness.baselines import BaselineStore, resolution_summary
 from harness.config import Cell, Matrix, MatrixError
 from harness.gate import (
     CellVerdict,
     GatePolicy,
     Status,
     add_gate_options,
-    judge_consistency,
     no_baselines_notices,
-    run_failed,
 )
 from harness.hardware import gpu_info
 from harness.isolation import Outcome
 from harness.matrix import load_matrix
 from harness.methods import BACKENDS, method_class
 from harness.metrics import TASK_PREFIX
-from harness.results import RESULTS_SCHEMA_VERSION, CellResult, WorkerStatus, cell_id, json_safe
+from harness.results import RESULTS_SCHEMA_VERSION, CellResult, cell_id, json_safe
 from harness.runner import Runner, RunOptions, new_run_id
 from harness.tolerances import Tolerances
 
@@ -266,19 +264,9 @@ class QuantBench:
         return record
 
     def check_consistency(self, ref: CellRef) -> None:
-        """Fail the test when a left-padded batch's greedy tokens differ from the lone prompts'."""
-        outcome = self.outcome(ref.cell)
-        if outcome.status == WorkerStatus.SKIPPED:
-            pytest.skip(f"{ref.id}: {outcome.reason}")
-        result = outcome.result(None)
-        baseline = None
-        if result is not None:
-            try:  # the baseline the cell's accuracy figures meet; one that cannot be read fails in their tests
-                baseline = self.store.gate_baseline(self.hardware_key(ref.cell.suite.device), result).accuracy
-            except BaselineError:
-                baseline = None
-        verdict = judge_consistency(result, baseline) if result is not None else run_failed(
-            ref.id, f"worker {outcome.status}: {outcome.reason}")
+        """Fail the test when a left-padded batch's greedy tokens differ from the lone prompts' (Runner's verdict);
+        an inconsistency the baseline recorded too is an expected failure."""
+        verdict = self.runner.consistency_verdict(ref.cell)
         if verdict.status is Status.SKIPPED:
             pytest.skip(verdict.reason)
         if verdict.failed:

@@ -26,6 +26,7 @@ from harness.gate import (
     cell_error,
     gate_report,
     judge,
+    judge_consistency,
     recheck_reasons,
     run_failed,
     skipped,
@@ -342,6 +343,22 @@ class Runner:
         self.written.add(cell.key)
 
     # ---- the gate ----------------------------------------------------------------------------------------
+    def consistency_verdict(self, cell: Cell) -> CellVerdict:
+        """The batch-consistency verdict of a cell's per-model result, judged against the baseline its accuracy
+        figures meet (a baseline that cannot be read fails in those figures' tests, not here)."""
+        outcome = self.outcome(cell)
+        ref_id = cell_id(cell.method.name, cell.model.name, None)
+        if outcome.status == WorkerStatus.SKIPPED:
+            return skipped(ref_id, f"{ref_id}: {outcome.reason}")
+        result = outcome.result(None)
+        if result is None:
+            return run_failed(ref_id, f"worker {outcome.status}: {outcome.reason}")
+        try:
+            baseline = self.store.gate_baseline(self.hardware_key(cell.suite.device), result).accuracy
+        except BaselineError:
+            baseline = None
+        return judge_consistency(result, baseline)
+
     def verdict(self, cell: Cell, batch_size: int | None, metrics: list[str] | None) -> tuple[CellResult | None,
                                                                                        CellVerdict]:
         """One batch size's result (pooled over a recheck where one ran) and the gate's verdict on `metrics`."""
