@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.results import CellResult, WorkerStatus, pool_results
+from harness.results import WORKER_PARENT_VAR, CellResult, WorkerStatus, pool_results
 
 LOG_TAIL_CHARS = 4000
 STACK_DUMP_WAIT_S = 2  # a hung worker's time to write its stacks before it is killed
@@ -73,6 +73,13 @@ def _dump_stacks(process: subprocess.Popen) -> None:
         pass
 
 
+def _kill_group(process: subprocess.Popen) -> None:
+    """Kill the worker and anything it started; a worker that already exited leaves no group to kill."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def run_isolated(job: dict[str, Any], timeout_s: float, env: dict[str, str] | None = None) -> Outcome:
     """Run `python -m harness.worker` on `job` with a wall-clock limit; never raises for worker failures."""
     with tempfile.TemporaryDirectory(prefix="quantbench-cell-") as tmp:
@@ -80,20 +87,25 @@ def run_isolated(job: dict[str, Any], timeout_s: float, env: dict[str, str] | No
         job_path.write_text(json.dumps(job))
         start = time.perf_counter()
         with open(log_path, "wb") as log:
-            # A new session lets a timeout kill the worker and anything it started (compilers, threads).
+            # A new session lets a timeout kill the worker and anything it started (compilers, threads). It
+            # also keeps the worker out of the terminal's Ctrl-C and out of a signal sent to the run alone
+            # (`timeout`, a CI runner's cancel): an interrupted run kills it here, and a run killed outright
+            # takes it along through the worker's parent-death signal (harness/worker.py), so
+            # no orphan goes on measuring on the device the next run measures on.
             process = subprocess.Popen([sys.executable, "-m", "harness.worker", str(job_path), str(out_path)],
                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                       env={**os.environ, **(env or {})})
+                                       env={**os.environ, **(env or {}), WORKER_PARENT_VAR: str(os.getpid())})
             try:
                 returncode = process.wait(timeout=timeout_s)
                 timed_out = False
             except subprocess.TimeoutExpired:
                 _dump_stacks(process)
-                # a worker that exits while it writes its stacks leaves no group to kill
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                returncode = process.wait()
+                _kill_group(process)
+                returncode = process.returncode
                 timed_out = True
+            except BaseException:  # KeyboardInterrupt, SystemExit: the run stops, and its worker with it
+                _kill_group(process)
+                raise
         wall = time.perf_counter() - start
         log_text = log_path.read_text(errors="replace")
         data = json.loads(out_path.read_text()) if out_path.is_file() else {"status": WorkerStatus.CRASHED,

@@ -19,6 +19,9 @@ RESULTS_SCHEMA_VERSION = 1
 __all__ = ["cell_id"]  # re-exported: the id scheme lives with the matrix spec (harness/config.py)
 
 
+WORKER_PARENT_VAR = "QUANTBENCH_WORKER_PARENT"  # the run's process id, which its worker must not outlive
+
+
 class WorkerStatus(enum.StrEnum):
     """How a worker process ended: the `status` of its output file and of every results record."""
 

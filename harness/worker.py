@@ -23,6 +23,7 @@ import dataclasses
 import faulthandler
 import importlib.abc
 import json
+import os
 import random
 import signal
 import sys
@@ -42,7 +43,7 @@ from harness.measure.telemetry import gpu_telemetry
 from harness.measure.throughput import measure_generation, timed
 from harness.methods import MethodUnavailable, method_class
 from harness.models import ResolvedModel, eval_ids, ids_digest, prompt_ids, resolve, tokenizer_check, weights_digest
-from harness.results import CellResult, WorkerStatus
+from harness.results import WORKER_PARENT_VAR, CellResult, WorkerStatus
 
 
 def log(message: str) -> None:
@@ -425,11 +426,29 @@ def _device_timing(method: Any, model: Any, cell: CellResult, rows: list[list[in
         f"{timing.kernels_per_step} kernels a step")
 
 
+def _die_with_parent() -> None:
+    """On Linux, ask for SIGKILL when the run that started this worker exits (prctl PR_SET_PDEATHSIG).
+
+    The worker runs in a session of its own, so a signal that kills the run alone (`timeout`, SIGKILL) would
+    otherwise leave it measuring, holding device memory and slowing whatever runs next on that device.
+    """
+    parent = os.environ.get(WORKER_PARENT_VAR)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != int(parent):  # the run exited before the request took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         print("usage: python -m harness.worker JOB.json OUT.json", file=sys.stderr)
         return 2
+    _die_with_parent()
     # a crash in native code (a kernel, a CUDA runtime) or a hang still names the Python line it was at:
     # tracebacks of every thread go to the log on SIGSEGV/SIGFPE/SIGABRT/SIGBUS/SIGILL, and on the SIGUSR1
     # that the parent sends a worker before killing it at its timeout

@@ -61,3 +61,12 @@ class ExitOnStackDumpMethod(DenseMethod):
     def load(self, pretrained):
         signal.signal(signal.SIGUSR1, lambda number, frame: os._exit(0))
         time.sleep(3600)
+
+
+class HangWithPidMethod(DenseMethod):
+    """Writes its process id to the file QUANTBENCH_TEST_PID_FILE names, then never finishes loading."""
+
+    def load(self, pretrained):
+        with open(os.environ["QUANTBENCH_TEST_PID_FILE"], "w") as out:
+            out.write(str(os.getpid()))
+        time.sleep(3600)

@@ -1,5 +1,15 @@
 """Each (method, model) runs in its own process: crashes, hangs and OOM become results, not lost runs."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
 from harness.isolation import run_isolated
 
 
@@ -92,3 +102,58 @@ except ImportError as exc:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "refused: import of 'torch' refused: GGUFMethod is measured in a process without torch" in done.stdout
+
+
+PARENT = """
+import json, sys
+from harness.isolation import run_isolated
+try:
+    run_isolated(json.load(open(sys.argv[1])), timeout_s=600, env=json.load(open(sys.argv[2])))
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+def _alive(pid):
+    """Whether a process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _gone_within(pid, seconds):
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _alive(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_stopped_run_leaves_no_worker_behind(tiny_job, worker_env, tmp_path, stop):
+    """Ctrl-C, `timeout` (SIGTERM) or SIGKILL sent to the run alone: its worker, in a session of its own that no
+    such signal reaches, must not go on measuring (and holding a device) after the run is gone."""
+    pid_file = tmp_path / "worker.pid"
+    (tmp_path / "job.json").write_text(json.dumps(tiny_job("isolation_methods:HangWithPidMethod")))
+    (tmp_path / "env.json").write_text(json.dumps({**worker_env, "QUANTBENCH_TEST_PID_FILE": str(pid_file)}))
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "job.json"), str(tmp_path / "env.json")],
+                              env={**os.environ, "PYTHONPATH": worker_env["PYTHONPATH"]}, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert parent.poll() is None and time.monotonic() < deadline, "the worker never started its load"
+            time.sleep(0.2)
+        worker = int(pid_file.read_text())
+        assert _alive(worker)
+        parent.send_signal(stop)
+        parent.wait(timeout=60)
+        assert _gone_within(worker, 30), f"worker {worker} outlived its run (stopped with {stop.name})"
+        if stop is signal.SIGINT:  # the run saw its interrupt after the worker was killed
+            assert parent.stdout.read().strip() == "interrupted"
+    finally:
+        parent.kill()
+        if pid_file.is_file() and pid_file.read_text() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
