@@ -236,11 +236,11 @@ def _files(*names: str) -> list[Path]:
 
 
 @pytest.mark.parametrize("document_name, baselines, record, aa, injected", [
-    # against the committed baselines: runs O, Q and T recorded, runs P, R and S gated on other cards, T
+    # against the committed baselines: runs O, Q, T and Y recorded, runs P, R and S gated on other cards, T
     # with a 3 % slowdown injected
     ("gate-calibration.json", ROOT / "baselines",
      ("tiny-rerecord", "tiny-int8-record", "tiny-4bit-record", "7b-record", "tiny-bf16-record", "7b-compiled-record",
-      "7b-nf4-record"),
+      "7b-nf4-record", "y-aa-torchao"),
      [("aa5",), ("aa4",), ("aa3",)], ("injected4",)),
     # against run L's baselines (kept beside the runs that gated them), which run Q replaced: runs M and N
     ("gate-calibration-run-L.json", EVIDENCE / "baselines-run-L", ("record", "record-compiled"),
