@@ -39,6 +39,9 @@ ENGINES: dict[str, dict[str, Any]] = {
     "torchao": {"quant": "int8-weight", "dtype": "float32"},
     "quanto": {"weights": "int8", "dtype": "float32"},
     "vllm": {"dtype": "bfloat16", "kv_cache_gib": 0.25, "max_model_len": 256, "max_num_seqs": 8},
+    # CUDA only: on a CPU its cells skip with the reason (tests/test_exllamav2.py runs it against a fake library)
+    "exllamav2": {"bits": 4.0, "head_bits": 6, "cache": "fp16", "calibration_samples": 4, "calibration_tokens": 16,
+                  "measurement_samples": 2},
     DEMO: {},
 }
 BACKEND_NAMES = [*BACKENDS, DEMO]

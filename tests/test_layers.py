@@ -24,8 +24,8 @@ HARNESS = Path(__file__).resolve().parents[1] / "harness"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("matrix spec and leaf types", ("cache", "config", "corpus", "figure", "hardware", "metrics", "tolerances",
                                     "values")),
-    ("models and their files", ("compressed", "embedded", "gguf", "gguf_model", "llmcompressor_oneshot", "models",
-                                "quant", "roofline")),
+    ("models and their files", ("compressed", "embedded", "exl2", "exl2_convert", "gguf", "gguf_model",
+                                "llmcompressor_oneshot", "models", "quant", "roofline")),
     ("measurements and methods", ("evaluate", "measure", "methods", "runtimes")),
     ("the matrix file read and checked against the methods", ("matrix",)),
     ("results", ("history", "results")),

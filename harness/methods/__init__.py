@@ -18,6 +18,7 @@ BACKENDS: dict[str, str] = {
     "torchao": "harness.methods.torchao:TorchAoMethod",
     "quanto": "harness.methods.quanto:QuantoMethod",
     "vllm": "harness.methods.vllm:VLLMMethod",
+    "exllamav2": "harness.methods.exllamav2:ExLlamaV2Method",
 }
 
 __all__ = ["BACKENDS", "Method", "MethodUnavailable", "Param", "method_class"]
